@@ -1,0 +1,1 @@
+"""TPU Pallas kernels for SmartKV-JAX, each beside a pure-jnp reference."""

@@ -1,0 +1,147 @@
+"""The fixed-shape KV cache pytree and its pure operations (init, attend, insert).
+
+Layers that share a policy (and so a capacity) form a group; a group's arrays are stacked
+on a leading layer axis so the model can run the group under one `lax.scan`. Per layer:
+
+- k, v:  [B, K, S, D]  keys after RoPE and values, in the model's dtype
+- pos:   [B, K, S]     int32 token position held by each slot, -1 if empty
+- score: [B, K, S]     float32, what the layer's policy ranks by
+
+S (the capacity) differs per group, so memory saved by a smaller budget is real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention import reference_decode_attention
+from pallas_kernels.evict import reference_evict_insert
+
+from .config import ModelConfig
+from .policy import PolicyConfig
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "score"], meta_fields=[])
+@dataclasses.dataclass
+class LayerCache:
+    k: jax.Array  # [(L,) B, K, S, D]
+    v: jax.Array  # [(L,) B, K, S, D]
+    pos: jax.Array  # [(L,) B, K, S] int32, -1 = empty
+    score: jax.Array  # [(L,) B, K, S] float32
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[-1]
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["groups"], meta_fields=["bounds"])
+@dataclasses.dataclass
+class KVCache:
+    """All layers' caches: `groups[g]` stacks layers bounds[g][0] .. bounds[g][1]-1."""
+
+    groups: tuple[LayerCache, ...]
+    bounds: tuple[tuple[int, int], ...]
+
+    def nbytes(self) -> int:
+        """Total bytes of every cache array (k, v, pos and score)."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.groups))
+
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values alone (the figure memory fractions compare)."""
+        return sum(g.k.nbytes + g.v.nbytes for g in self.groups)
+
+    def layer_capacities(self) -> list[int]:
+        return [g.capacity for (a, b), g in zip(self.bounds, self.groups) for _ in range(a, b)]
+
+
+def init_cache(
+    cfg: ModelConfig, policy: PolicyConfig, batch: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+    """An empty cache; `policy` must be resolved (every capacity set)."""
+    if len(policy.layers) != cfg.num_layers:
+        raise ValueError(f"policy has {len(policy.layers)} layers, model has {cfg.num_layers}")
+    groups, bounds = [], []
+    for start, end, p in policy.groups():
+        if p.capacity is None:
+            raise ValueError("policy capacities are unresolved; call PolicyConfig.resolve first")
+        n, shape = end - start, (batch, cfg.num_kv_heads, p.capacity)
+        groups.append(
+            LayerCache(
+                k=jnp.zeros((n, *shape, cfg.head_dim), dtype),
+                v=jnp.zeros((n, *shape, cfg.head_dim), dtype),
+                pos=jnp.full((n, *shape), -1, jnp.int32),
+                score=jnp.zeros((n, *shape), jnp.float32),
+            )
+        )
+        bounds.append((start, end))
+    return KVCache(groups=tuple(groups), bounds=tuple(bounds))
+
+
+def attend(
+    cache: LayerCache,
+    visible_pos_BKS: jax.Array,
+    q_BHCD: jax.Array,
+    k_BKCD: jax.Array,
+    v_BKCD: jax.Array,
+    pos_BC: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of a chunk of C new queries over the cache plus the chunk's own keys.
+
+    The cache part and the causal chunk part are computed separately and merged by their
+    log-sum-exps, so the chunk never has to be copied into the cache first.
+    Returns (out_BHCD float32, lse_BHC float32); lse is -inf for padding queries.
+    """
+    b, h, c, d = q_BHCD.shape
+    kh = k_BKCD.shape[1]
+    g = h // kh
+    scale = d**-0.5
+    out_c, lse_c = reference_decode_attention(
+        q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC, scale=scale
+    )
+    qg = q_BHCD.reshape(b, kh, g, c, d).astype(jnp.float32)
+    logits = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
+    ok = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])  # [B, Cq, Ck]
+    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
+    lse_n = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, Cq]
+    safe_n = jnp.where(jnp.isfinite(lse_n), lse_n, 0.0)
+    p_n = jnp.exp(logits - safe_n[..., None])
+    out_n = jnp.einsum("bkgqc,bkcd->bkgqd", p_n, v_BKCD.astype(jnp.float32))
+    lse_n = lse_n.reshape(b, h, c)
+    out_n = out_n.reshape(b, h, c, d)
+    lse = jnp.logaddexp(lse_c, lse_n)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w_c = jnp.where(jnp.isfinite(lse_c), jnp.exp(lse_c - safe), 0.0)[..., None]
+    w_n = jnp.where(jnp.isfinite(lse_n), jnp.exp(lse_n - safe), 0.0)[..., None]
+    return w_c * out_c + w_n * out_n, lse
+
+
+def insert(
+    cache: LayerCache,
+    rank_BKS: jax.Array,
+    k_BKCD: jax.Array,
+    v_BKCD: jax.Array,
+    pos_BC: jax.Array,
+    score_BKC: jax.Array,
+    new_rank_BKC: jax.Array,
+) -> LayerCache:
+    """Write a chunk's keys into the cache, each replacing the lowest-ranked slot when it
+    ranks higher (empty slots rank -inf). Padding tokens (pos -1) are skipped."""
+    kh = k_BKCD.shape[1]
+    pos_BKC = jnp.broadcast_to(pos_BC[:, None, :], (pos_BC.shape[0], kh, pos_BC.shape[1]))
+    k, v, pos, score, _ = reference_evict_insert(
+        cache.k,
+        cache.v,
+        cache.pos,
+        cache.score,
+        rank_BKS,
+        k_BKCD,
+        v_BKCD,
+        pos_BKC,
+        score_BKC,
+        new_rank_BKC,
+    )
+    return LayerCache(k=k, v=v, pos=pos, score=score)

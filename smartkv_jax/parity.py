@@ -1,0 +1,76 @@
+"""Run one checkpoint through transformers' PyTorch model and through ours; compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .convert import DEFAULT_MODEL, load_model, smollm2_path
+
+
+def _torch_model(name: str):
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            "parity needs PyTorch (the test extra): pip install 'smartkv-jax[test]'"
+        ) from err
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_path() if name == DEFAULT_MODEL else Path(name)
+    if path.suffix == ".gguf":  # transformers dequantizes GGUF weights to float32 itself
+        return AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def run_parity(model: str, text_file: Path, n_tokens: int = 512, greedy_tokens: int = 32) -> dict:
+    """Logit agreement on `n_tokens` of text and a greedy-decoding comparison.
+
+    Returns max_abs_logit_diff, top1_agreement (fraction of positions whose argmax agrees)
+    and greedy_match (the first `greedy_tokens` greedy tokens after a prompt are identical).
+    """
+    import jax.numpy as jnp
+    import torch
+
+    from . import model as jmodel
+    from .cache import init_cache
+    from .generate import generate
+    from .policy import PolicyConfig
+
+    if not text_file.is_file():
+        raise FileNotFoundError(f"text file not found: {text_file}")
+    ours = load_model(model, jnp.float32)
+    ids = ours.tokenizer(text_file.read_text(encoding="utf-8", errors="replace")).input_ids
+    if len(ids) < n_tokens:
+        raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than --tokens {n_tokens}")
+    ids = ids[:n_tokens]
+    ref = _torch_model(model)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    policy = PolicyConfig.uniform(ours.cfg.num_layers).resolve(n_tokens)
+    cache = init_cache(ours.cfg, policy, 1)
+    pos = jnp.arange(n_tokens, dtype=jnp.int32)[None]
+    hidden, _ = jmodel.forward(ours.params, ours.cfg, policy, jnp.asarray([ids]), pos, cache)
+    got = np.asarray(jmodel.logits(ours.params, ours.cfg, hidden))[0]
+
+    prompt = ids[: min(128, n_tokens)]
+    with torch.no_grad():
+        hf_out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=greedy_tokens,
+            min_new_tokens=greedy_tokens,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :].tolist()
+    ours_out = generate(ours.params, ours.cfg, [prompt], greedy_tokens, stop_tokens=()).tokens[0]
+    return {
+        "model": ours.source,
+        "tokens": n_tokens,
+        "max_abs_logit_diff": float(np.abs(got - want).max()),
+        "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+        "greedy_match": hf_out == ours_out,
+        "greedy_tokens": greedy_tokens,
+    }

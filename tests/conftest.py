@@ -1,0 +1,50 @@
+"""Shared test helpers: tiny transformers models and full-sequence logits from ours."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smartkv_jax import model
+from smartkv_jax.cache import init_cache
+from smartkv_jax.policy import PolicyConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def full_logits(params, cfg, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
+    """Logits [B, T, V] from one forward pass over whole (right-padded) sequences."""
+    b, t = tokens_BT.shape
+    lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
+    pos = np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1)
+    policy = PolicyConfig.uniform(cfg.num_layers).resolve(t)
+    cache = init_cache(cfg, policy, b, params["embed"].dtype)
+    hidden, _ = model.forward(
+        params, cfg, policy, jnp.asarray(tokens_BT), jnp.asarray(pos, jnp.int32), cache
+    )
+    return np.asarray(model.logits(params, cfg, hidden))
+
+
+def tiny_hf_config(kind: str = "llama", **overrides):
+    """A transformers config small enough to run in a second."""
+    transformers = pytest.importorskip("transformers")
+    base = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[kind]
+    return cls(**base)
