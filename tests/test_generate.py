@@ -1,0 +1,119 @@
+"""Prefill + decode against one full forward pass, batching, sampling and stop tokens."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smartkv_jax import model
+from smartkv_jax.cache import init_cache
+from smartkv_jax.config import ModelConfig
+from smartkv_jax.generate import (
+    SamplingConfig,
+    forward_chunk,
+    generate,
+    prefill,
+    sample,
+)
+from smartkv_jax.policy import PolicyConfig
+
+from .conftest import full_logits
+
+CFG = ModelConfig(
+    model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=8, max_position=128, eos_token_ids=(3,),
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = model.init_params(CFG, jax.random.PRNGKey(0))
+    # larger weights than init so attention is far from uniform
+    return jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 3 else a, p)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 40])
+def test_chunked_prefill_matches_full_forward(params, chunk):
+    t = 40
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, t))
+    want = full_logits(params, CFG, tokens)
+    policy = PolicyConfig.uniform(CFG.num_layers).resolve(t)
+    cache = init_cache(CFG, policy, 2)
+    got = []
+    for s in range(0, t, chunk):
+        toks = tokens[:, s : s + chunk]
+        pos = np.broadcast_to(np.arange(s, s + toks.shape[1]), toks.shape).astype(np.int32)
+        hidden, cache = forward_chunk(params, CFG, policy, jnp.asarray(toks), jnp.asarray(pos), cache)
+        got.append(np.asarray(model.logits(params, CFG, hidden)))
+    np.testing.assert_allclose(np.concatenate(got, 1), want, atol=1e-4, rtol=0)
+
+
+def test_batch_of_different_lengths_decodes_like_full_forward(params):
+    rng = np.random.default_rng(2)
+    lengths = [5, 17, 11]
+    total = 24
+    seqs = rng.integers(0, CFG.vocab_size, (3, total))
+    policy = PolicyConfig.uniform(CFG.num_layers).resolve(64)
+    cache = init_cache(CFG, policy, 3)
+    last, cache = prefill(params, CFG, policy, [s[:n].tolist() for s, n in zip(seqs, lengths)],
+                          cache, chunk=8)
+    step_logits = [np.asarray(model.logits(params, CFG, last))]
+    pos = np.array(lengths)
+    for i in range(4):  # teacher-forced decode, each row at its own position
+        tok = seqs[np.arange(3), pos + i]
+        hidden, cache = forward_chunk(
+            params, CFG, policy, jnp.asarray(tok[:, None]),
+            jnp.asarray((pos + i)[:, None], jnp.int32), cache,
+        )
+        step_logits.append(np.asarray(model.logits(params, CFG, hidden[:, 0])))
+    for b, n in enumerate(lengths):
+        want = full_logits(params, CFG, seqs[b : b + 1, : n + 4])[0, n - 1 :]
+        got = np.stack([s[b] for s in step_logits])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_argmax_of_full_forward(params):
+    prompts = [[5, 9, 12, 7], [8, 1, 30, 44, 2, 19, 23]]
+    res = generate(params, CFG, prompts, 6, stop_tokens=(), chunk=4)
+    for prompt, out in zip(prompts, res.tokens):
+        seq = list(prompt)
+        for _ in range(6):
+            seq.append(int(full_logits(params, CFG, np.array([seq]))[0, -1].argmax()))
+        assert out == seq[len(prompt) :]
+    assert res.decode_steps == 5
+
+
+def test_stop_tokens_end_rows_independently(params):
+    prompts = [[5, 9, 12, 7], [8, 1, 30]]
+    free = generate(params, CFG, prompts, 8, stop_tokens=()).tokens
+    stop = free[0][2]
+    res = generate(params, CFG, prompts, 8, stop_tokens=(stop,)).tokens
+    assert res[0] == free[0][:3]
+    cut = next((i + 1 for i, t in enumerate(free[1]) if t == stop), len(free[1]))
+    assert res[1] == free[1][:cut]
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    greedy = sample(logits, keys[0], SamplingConfig())
+    assert (greedy == 0).all()
+    top1 = sample(logits, keys[1], SamplingConfig(temperature=1.0, top_k=1))
+    assert (top1 == 0).all()
+    top2 = np.asarray(sample(logits, keys[2], SamplingConfig(temperature=1.0, top_k=2)))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = np.asarray(sample(logits, keys[3], SamplingConfig(temperature=1.0, top_p=0.7)))
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 < 0.7 needs the second token, not the third
+    free = np.asarray(sample(logits, keys[4], SamplingConfig(temperature=1.0)))
+    assert set(free.tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+
+
+def test_generate_rejects_context_over_limit(params):
+    with pytest.raises(ValueError, match="context limit of 128"):
+        generate(params, CFG, [[1] * 100], 40)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(params, CFG, [[]], 4)
