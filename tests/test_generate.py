@@ -22,8 +22,16 @@ from smartkv_jax.policy import PolicyConfig
 from .conftest import full_logits
 
 CFG = ModelConfig(
-    model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=8, max_position=128, eos_token_ids=(3,),
+    model_type="llama",
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position=128,
+    eos_token_ids=(3,),
 )
 
 
@@ -45,7 +53,9 @@ def test_chunked_prefill_matches_full_forward(params, chunk):
     for s in range(0, t, chunk):
         toks = tokens[:, s : s + chunk]
         pos = np.broadcast_to(np.arange(s, s + toks.shape[1]), toks.shape).astype(np.int32)
-        hidden, cache = forward_chunk(params, CFG, policy, jnp.asarray(toks), jnp.asarray(pos), cache)
+        hidden, cache = forward_chunk(
+            params, CFG, policy, jnp.asarray(toks), jnp.asarray(pos), cache
+        )
         got.append(np.asarray(model.logits(params, CFG, hidden)))
     np.testing.assert_allclose(np.concatenate(got, 1), want, atol=1e-4, rtol=0)
 
@@ -57,15 +67,20 @@ def test_batch_of_different_lengths_decodes_like_full_forward(params):
     seqs = rng.integers(0, CFG.vocab_size, (3, total))
     policy = PolicyConfig.uniform(CFG.num_layers).resolve(64)
     cache = init_cache(CFG, policy, 3)
-    last, cache = prefill(params, CFG, policy, [s[:n].tolist() for s, n in zip(seqs, lengths)],
-                          cache, chunk=8)
+    last, cache = prefill(
+        params, CFG, policy, [s[:n].tolist() for s, n in zip(seqs, lengths)], cache, chunk=8
+    )
     step_logits = [np.asarray(model.logits(params, CFG, last))]
     pos = np.array(lengths)
     for i in range(4):  # teacher-forced decode, each row at its own position
         tok = seqs[np.arange(3), pos + i]
         hidden, cache = forward_chunk(
-            params, CFG, policy, jnp.asarray(tok[:, None]),
-            jnp.asarray((pos + i)[:, None], jnp.int32), cache,
+            params,
+            CFG,
+            policy,
+            jnp.asarray(tok[:, None]),
+            jnp.asarray((pos + i)[:, None], jnp.int32),
+            cache,
         )
         step_logits.append(np.asarray(model.logits(params, CFG, hidden[:, 0])))
     for b, n in enumerate(lengths):

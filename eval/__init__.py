@@ -1,0 +1,1 @@
+"""Evaluations and benchmarks: perplexity, needle retrieval, R² analysis, speed and memory."""
