@@ -97,7 +97,7 @@ def reference_decode_attention(
       lse_BHT: float32 [B, H, T], log-sum-exp of the scaled logits over valid slots
         (natural log); -inf for a query without valid slots.
     """
-    B, H, K, T, S, D = _check_inputs(q_BHTD, k_BKSD, v_BKSD, slot_pos_BKS, q_pos_BT)
+    B, H, K, T, _, D = _check_inputs(q_BHTD, k_BKSD, v_BKSD, slot_pos_BKS, q_pos_BT)
     G = H // K
     scale = D**-0.5 if scale is None else scale
     q_BKGTD = q_BHTD.astype(jnp.float32).reshape(B, K, G, T, D)
@@ -241,15 +241,20 @@ def decode_attention(
     R = G * T
     scale = float(D**-0.5 if scale is None else scale)
 
-    bs = S if S <= block_s else block_s
+    bs = min(S, block_s)
+    if not interpret and bs < S and bs % 128:
+        raise ValueError(
+            f"block_s={block_s} must be a multiple of 128 on TPU (or >= S={S}, "
+            f"k_BKSD {k_BKSD.shape}); other sizes are only for interpret mode"
+        )
     N = pl.cdiv(S, bs)
     S_pad = N * bs
     slot_pos_BKS = slot_pos_BKS.astype(jnp.int32)
     q_pos_BT = q_pos_BT.astype(jnp.int32)
     if S_pad != S:
         pad = ((0, 0), (0, 0), (0, S_pad - S))
-        k_BKSD = jnp.pad(k_BKSD, pad + ((0, 0),))
-        v_BKSD = jnp.pad(v_BKSD, pad + ((0, 0),))
+        k_BKSD = jnp.pad(k_BKSD, (*pad, (0, 0)))
+        v_BKSD = jnp.pad(v_BKSD, (*pad, (0, 0)))
         slot_pos_BKS = jnp.pad(slot_pos_BKS, pad, constant_values=-1)
 
     # Query head h = kv * G + g, so this reshape groups each kv head's queries as rows.
@@ -301,9 +306,7 @@ def decode_attention(
             pltpu.VMEM((R, D), jnp.float32),
         ],
     )
-    kernel = functools.partial(
-        _decode_attention_kernel, scale=scale, num_kv=K, num_blocks=N
-    )
+    kernel = functools.partial(_decode_attention_kernel, scale=scale, num_kv=K, num_blocks=N)
     out_BKRD, lse_BKR1 = pl.pallas_call(
         kernel,
         out_shape=[

@@ -348,14 +348,11 @@ def evict_insert(
             jax.ShapeDtypeStruct(v_BKSD.shape, v_BKSD.dtype),
         ],
         grid=(B, K),
-        in_specs=[new_spec, new_spec, new_spec, slot_spec, slot_spec, slot_spec]
-        + [hbm_spec] * 4,
+        in_specs=[new_spec, new_spec, new_spec, slot_spec, slot_spec, slot_spec] + [hbm_spec] * 4,
         out_specs=[slot_spec, slot_spec, slot_spec, hbm_spec, hbm_spec],
         scratch_shapes=[pltpu.SemaphoreType.DMA(())],
         input_output_aliases={3: 0, 4: 1, 5: 2, 8: 3, 9: 4},
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL)
-        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL)),
         interpret=interpret,
         name="smartkv_evict_insert",
     )(

@@ -145,3 +145,34 @@ def insert(
         new_rank_BKC,
     )
     return LayerCache(k=k, v=v, pos=pos, score=score)
+
+
+def attention_mass(
+    cache: LayerCache,
+    visible_pos_BKS: jax.Array,
+    q_BHCD: jax.Array,
+    k_BKCD: jax.Array,
+    pos_BC: jax.Array,
+    lse_BHC: jax.Array,
+    weight_BC: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention probability paid to each cache slot and each new token, summed over the
+    query heads of each KV group and over the chunk's queries weighted by weight_BC.
+
+    Returns (mass_BKS, mass_BKC) float32, for attention-scored policies (H2O, TOVA, SnapKV).
+    """
+    b, h, c, d = q_BHCD.shape
+    kh = k_BKCD.shape[1]
+    scale = d**-0.5
+    qg = q_BHCD.reshape(b, kh, h // kh, c, d).astype(jnp.float32)
+    lse = jnp.where(jnp.isfinite(lse_BHC), lse_BHC, jnp.inf).reshape(b, kh, h // kh, c, 1)
+    w = weight_BC.astype(jnp.float32)[:, None, None, :, None]
+    s_c = jnp.einsum("bkgqd,bksd->bkgqs", qg, cache.k.astype(jnp.float32)) * scale
+    ok_c = (visible_pos_BKS[:, :, None, None, :] >= 0) & (
+        visible_pos_BKS[:, :, None, None, :] <= pos_BC[:, None, None, :, None]
+    )
+    mass_c = jnp.sum(jnp.where(ok_c, jnp.exp(s_c - lse), 0.0) * w, axis=(2, 3))
+    s_n = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
+    ok_n = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])
+    mass_n = jnp.sum(jnp.where(ok_n[:, None, None], jnp.exp(s_n - lse), 0.0) * w, axis=(2, 3))
+    return mass_c, mass_n

@@ -68,6 +68,35 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report["top1_agreement"] >= 0.99 and report["greedy_match"] else 1
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    from train.labels import extract_labels
+
+    from .convert import load_model
+
+    m = load_model(args.model)
+    meta = extract_labels(
+        m.params,
+        m.cfg,
+        m.tokenizer,
+        args.out,
+        model_name=args.model,
+        source=args.text,
+        books=args.books,
+        window=args.window,
+        cap=args.cap,
+        taus=args.taus,
+        windows_per_doc=args.windows_per_doc,
+        chunk=args.chunk,
+    )
+    print(
+        json.dumps(meta, indent=2)
+        if args.json
+        else f"wrote {meta['n_windows']} windows of {meta['window']} tokens to {args.out} "
+        f"({meta['tokens_per_s']:.0f} tokens/s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smartkv", description="SmartKV-JAX: learned KV-cache eviction for decoder LLMs."
@@ -104,6 +133,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=512, help="number of text tokens to compare")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_parity)
+
+    lab = sub.add_parser(
+        "labels",
+        help="extract pre-RoPE keys and lifespan labels into a label store",
+        description="Run the model over windows of text and store, for every layer and KV "
+        "head, each pre-RoPE key with its lifespan (the last later query whose attention "
+        "to it exceeds tau, max over the GQA group) at one or more thresholds.",
+    )
+    lab.add_argument("--model", default="smollm2", help=model_help)
+    lab.add_argument(
+        "--text",
+        default=None,
+        help="directory of .txt files or one file (default: ../shared/data/gutenberg)",
+    )
+    lab.add_argument(
+        "--books",
+        nargs="*",
+        default=None,
+        help="file stems to use from --text, e.g. pg1342 pg1661 (default: all)",
+    )
+    lab.add_argument("--window", type=int, default=2048, help="tokens per window T")
+    lab.add_argument(
+        "--cap", type=int, default=1024, help="lifespan cap C; keys after T-1-C are marked censored"
+    )
+    lab.add_argument(
+        "--taus",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.11],
+        help="attention thresholds to label at",
+    )
+    lab.add_argument(
+        "--windows-per-doc",
+        type=int,
+        default=2,
+        help="consecutive windows taken from the start of each book",
+    )
+    lab.add_argument("--chunk", type=int, default=512, help="forward-pass chunk length")
+    lab.add_argument("--out", required=True, help="output directory of the label store")
+    lab.add_argument("--json", action="store_true", help="print the store's metadata as JSON")
+    lab.set_defaults(func=cmd_labels)
     return parser
 
 

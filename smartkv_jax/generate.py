@@ -75,9 +75,20 @@ def sample(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> ja
 
 
 @partial(jax.jit, static_argnums=(1, 2), donate_argnums=(5,))
-def forward_chunk(params, cfg: ModelConfig, policy: PolicyConfig, tokens_BC, pos_BC, cache):
+def forward_chunk(
+    params,
+    cfg: ModelConfig,
+    policy: PolicyConfig,
+    tokens_BC,
+    pos_BC,
+    cache,
+    gates=None,
+    oracle_LBKC=None,
+):
     """One jitted chunk through the model: (hidden [B, C, E], cache)."""
-    return model.forward(params, cfg, policy, tokens_BC, pos_BC, cache)
+    return model.forward(
+        params, cfg, policy, tokens_BC, pos_BC, cache, gates=gates, oracle_LBKC=oracle_LBKC
+    )
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4), donate_argnums=(5,))
@@ -93,6 +104,7 @@ def _decode_loop(
     n_steps: jax.Array,
     key: jax.Array,
     out_BN: jax.Array,
+    gates=None,
 ):
     """Feed back sampled tokens until n_steps are done or every row has stopped."""
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -103,7 +115,9 @@ def _decode_loop(
 
     def body(carry):
         i, tok, pos, cache, key, done, out = carry
-        hidden, cache = model.forward(params, cfg, policy, tok[:, None], pos[:, None], cache)
+        hidden, cache = model.forward(
+            params, cfg, policy, tok[:, None], pos[:, None], cache, gates=gates
+        )
         key, sub = jax.random.split(key)
         nxt = sample(model.logits(params, cfg, hidden[:, 0]), sub, sampling)
         out = out.at[:, i + 1].set(nxt)
@@ -132,6 +146,7 @@ def prefill(
     prompts: Sequence[Sequence[int]],
     cache: KVCache,
     chunk: int,
+    gates=None,
 ) -> tuple[jax.Array, KVCache]:
     """Feed right-padded prompts chunk by chunk. Returns each row's last hidden [B, E]."""
     lengths = np.array([len(p) for p in prompts])
@@ -151,6 +166,7 @@ def prefill(
             jnp.asarray(tokens[:, s : s + chunk]),
             jnp.asarray(pos[:, s : s + chunk]),
             cache,
+            gates,
         )
         idx = lengths - 1 - s
         here = (idx >= 0) & (idx < chunk)
@@ -167,6 +183,7 @@ def generate(
     max_new_tokens: int,
     *,
     policy: PolicyConfig | None = None,
+    gates=None,
     sampling: SamplingConfig = SamplingConfig(),
     stop_tokens: Sequence[int] | None = None,
     chunk: int = 256,
@@ -175,7 +192,7 @@ def generate(
     """Generate up to `max_new_tokens` for each prompt (lists of token ids).
 
     `policy` sets each layer's cache policy and capacity; by default every layer keeps the
-    whole sequence. `stop_tokens` defaults to the model's EOS ids.
+    whole sequence. Gated layers need `gates` (see smartkv_jax.gates). `stop_tokens` defaults to the model's EOS ids.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -195,7 +212,7 @@ def generate(
     cache = init_cache(cfg, policy, len(prompts), params["embed"].dtype)
 
     t0 = time.perf_counter()
-    last, cache = prefill(params, cfg, policy, prompts, cache, chunk)
+    last, cache = prefill(params, cfg, policy, prompts, cache, chunk, gates)
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
     first = sample(model.logits(params, cfg, last), sub, sampling)
@@ -214,6 +231,7 @@ def generate(
         jnp.int32(max_new_tokens - 1),
         key,
         jnp.zeros((len(prompts), n_out), jnp.int32),
+        gates,
     )
     out = np.asarray(out)
     t2 = time.perf_counter()

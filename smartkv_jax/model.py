@@ -15,17 +15,22 @@ params = {
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from . import cache as kvcache
+from . import gates as gate_mod
 from . import policy as pol
 from .cache import KVCache, LayerCache
 from .config import ModelConfig, RopeScaling
 
 Params = dict
+Probe = Callable[[jax.Array, jax.Array, jax.Array], Any]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
@@ -86,10 +91,17 @@ def _layer(
     lc: LayerCache,
     x_BCE: jax.Array,
     pos_BC: jax.Array,
+    extra: dict,
     cfg: ModelConfig,
     policy: pol.LayerPolicy,
     inv_freq: jax.Array,
-) -> tuple[jax.Array, LayerCache]:
+    probe: Probe | None,
+) -> tuple[jax.Array, LayerCache, Any]:
+    """One decoder layer over a chunk, reading and updating its cache under `policy`.
+
+    extra: this layer's slice of {"gates": gate params [K, ...]} (gated) or
+    {"oracle": true log4 lifespans [B, K, C]} (oracle).
+    """
     b, c, _ = x_BCE.shape
     h = rms_norm(x_BCE, lp["attn_norm"], cfg.rms_norm_eps)
     q, k_pre, v = _qkv(lp, h, cfg)
@@ -97,20 +109,46 @@ def _layer(
     k = apply_rope(k_pre, pos_BC, inv_freq)
     t_B = jnp.max(pos_BC, axis=1)  # newest position of each row after this chunk
     visible = pol.visible_pos(policy, lc.pos, lc.score, t_B)
-    out, _ = kvcache.attend(lc, visible, q, k, v, pos_BC)
+    out, lse = kvcache.attend(lc, visible, q, k, v, pos_BC)
     out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1)
     x = x_BCE + out @ lp["wo"]
     x = x + _mlp(lp, x, cfg)
-    new_score = pol.new_scores(policy, pos_BC, cfg.num_kv_heads)
-    rank = pol.ranks(policy, lc.pos, lc.score, t_B)
-    new_rank = pol.ranks(
-        policy,
-        jnp.broadcast_to(pos_BC[:, None, :], new_score.shape),
-        new_score,
-        t_B,
-    )
+
+    given, score = None, lc.score
+    if policy.kind == "gated":
+        given = gate_mod.apply_layer(extra["gates"], k_pre, pos_BC)
+    elif policy.kind == "oracle":
+        given = extra["oracle"]
+    elif policy.kind in pol.ATTENTION_SCORED:
+        weight = _observed_queries(policy, pos_BC, t_B)
+        mass_c, given = kvcache.attention_mass(lc, visible, q, k, pos_BC, lse, weight)
+        if policy.kind == "snapkv":  # pool along the chunk's (contiguous) positions
+            given = _max_pool(given, policy.pool)
+        score = pol.update_scores(policy, lc.score, mass_c)
+    new_score = pol.new_scores(policy, pos_BC, k_pre, given)
+    rank = pol.ranks(policy, lc.pos, score, t_B)
+    new_pos = jnp.broadcast_to(pos_BC[:, None, :], new_score.shape)
+    new_rank = pol.ranks(policy, new_pos, new_score, t_B)
+    lc = dataclasses.replace(lc, score=score)
     lc = kvcache.insert(lc, rank, k, v, pos_BC, new_score, new_rank)
-    return x, lc
+    return x, lc, None if probe is None else probe(q, k, k_pre)
+
+
+def _observed_queries(policy: pol.LayerPolicy, pos_BC: jax.Array, t_B: jax.Array) -> jax.Array:
+    """Which of the chunk's queries feed attention scores: all (h2o), the newest (tova) or
+    the last obs_window (snapkv). [B, C] float."""
+    valid = pos_BC >= 0
+    if policy.kind == "tova":
+        valid &= pos_BC == t_B[:, None]
+    elif policy.kind == "snapkv":
+        valid &= pos_BC > t_B[:, None] - policy.obs_window
+    return valid.astype(jnp.float32)
+
+
+def _max_pool(x_BKC: jax.Array, width: int) -> jax.Array:
+    pad = width // 2
+    padded = jnp.pad(x_BKC, ((0, 0), (0, 0), (pad, pad)), constant_values=-jnp.inf)
+    return jax.lax.reduce_window(padded, -jnp.inf, jax.lax.max, (1, 1, width), (1, 1, 1), "VALID")
 
 
 def forward(
@@ -120,29 +158,50 @@ def forward(
     tokens_BC: jax.Array,
     pos_BC: jax.Array,
     cache: KVCache,
-) -> tuple[jax.Array, KVCache]:
+    *,
+    gates: Any = None,
+    oracle_LBKC: jax.Array | None = None,
+    probe: Probe | None = None,
+) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, Any]:
     """Run a chunk of C tokens (positions pos_BC, -1 = padding) through every layer.
 
     Reads and updates `cache` (it goes in and comes out). Returns the final-normed hidden
-    states [B, C, E]; turn them into logits with `logits`.
+    states [B, C, E]; turn them into logits with `logits`. `gates` (leaves [L, K, ...]) are
+    needed by gated layers, `oracle_LBKC` (true log4 lifespans of the chunk's keys) by
+    oracle layers. With `probe`, a function of one layer's (q_BHCD after RoPE, k_BKCD after
+    RoPE, k_pre_BKCD before RoPE), also returns its outputs stacked over layers (axis 0).
     """
     if tokens_BC.shape != pos_BC.shape or tokens_BC.ndim != 2:
         raise ValueError(f"tokens {tokens_BC.shape} and positions {pos_BC.shape} must be [B, C]")
+    if policy.needs_gates and gates is None:
+        raise ValueError("the policy has gated layers but no gates were given")
+    if policy.needs_oracle and oracle_LBKC is None:
+        raise ValueError("the policy has oracle layers but no true lifespans were given")
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x = params["embed"][tokens_BC]
-    new_groups = []
+    new_groups, probes = [], []
     for (start, end), lc, (_, _, p) in zip(cache.bounds, cache.groups, policy.groups()):
         lps = jax.tree_util.tree_map(lambda a, s=start, e=end: a[s:e], params["layers"])
+        extra = {}
+        if p.kind == "gated":
+            extra["gates"] = jax.tree_util.tree_map(lambda a, s=start, e=end: a[s:e], gates)
+        elif p.kind == "oracle":
+            extra["oracle"] = oracle_LBKC[start:end]
 
         def body(x, layer, p=p):
-            lp, lc_one = layer
-            x, lc_one = _layer(lp, lc_one, x, pos_BC, cfg, p, inv_freq)
-            return x, lc_one
+            lp, lc_one, ex = layer
+            x, lc_one, probed = _layer(lp, lc_one, x, pos_BC, ex, cfg, p, inv_freq, probe)
+            return x, (lc_one, probed)
 
-        x, lc = jax.lax.scan(body, x, (lps, lc))
+        x, (lc, probed) = jax.lax.scan(body, x, (lps, lc, extra))
         new_groups.append(lc)
+        probes.append(probed)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return x, KVCache(groups=tuple(new_groups), bounds=cache.bounds)
+    new_cache = KVCache(groups=tuple(new_groups), bounds=cache.bounds)
+    if probe is None:
+        return x, new_cache
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0), *probes)
+    return x, new_cache, stacked
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

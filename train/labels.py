@@ -1,0 +1,185 @@
+"""Lifespan labels: run the model over windows of text, keep every pre-RoPE key and how long
+it is attended to (DESIGN.md: lifespan, label, censoring).
+
+Output is a label store: `metadata.json` plus a `datasets` Arrow dataset in `data/`, one row per
+(window, position) with the key of every layer and KV head.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from pallas_kernels.lifespan import dense_lifespan, lifespan, reference_lifespan
+from smartkv_jax import model
+from smartkv_jax.cache import init_cache
+from smartkv_jax.config import ModelConfig
+from smartkv_jax.data import read_text, text_files
+from smartkv_jax.policy import PolicyConfig
+
+DEFAULT_TAUS = (0.05, 0.11)
+
+
+def _collect(q_BHCD, k_BKCD, k_pre_BKCD):
+    return q_BHCD, k_BKCD, k_pre_BKCD
+
+
+@partial(jax.jit, static_argnums=(1, 2), donate_argnums=(5,))
+def _chunk_with_keys(params, cfg: ModelConfig, policy: PolicyConfig, tokens, pos, cache):
+    _, cache, qkk = model.forward(params, cfg, policy, tokens, pos, cache, probe=_collect)
+    return cache, qkk
+
+
+def lifespans_of_layer(
+    q_BHTD: jax.Array, k_BKTD: jax.Array, tau: float, method: str = "auto"
+) -> jax.Array:
+    """L_BKT int32 for one layer. method: "auto" (Pallas kernel on TPU, blockwise jnp
+    elsewhere), "kernel", "blockwise" or "dense" (builds the T x T matrix; for comparison)."""
+    if method == "auto":
+        method = "kernel" if jax.default_backend() == "tpu" else "blockwise"
+    if method == "kernel":
+        return lifespan(q_BHTD, k_BKTD, tau=tau)
+    if method == "blockwise":
+        return reference_lifespan(q_BHTD, k_BKTD, tau=tau)
+    if method == "dense":
+        return dense_lifespan(q_BHTD, k_BKTD, tau=tau)
+    raise ValueError(f"unknown lifespan method {method!r}")
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4))
+def _all_layers(q_LBHTD, k_LBKTD, taus: tuple[float, ...], cap: int, method: str):
+    def one(qk):
+        q, k = qk
+        return jnp.stack([lifespans_of_layer(q, k, t, method) for t in taus])  # [n_tau, B, K, T]
+
+    return jnp.minimum(jax.lax.map(one, (q_LBHTD, k_LBKTD)), cap)  # [L, n_tau, B, K, T]
+
+
+def window_labels(
+    params,
+    cfg: ModelConfig,
+    tokens_T: Sequence[int],
+    *,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    cap: int = 1024,
+    chunk: int = 512,
+    method: str = "auto",
+) -> dict[str, np.ndarray]:
+    """Keys and lifespans of one window of T tokens.
+
+    Returns key [T, L, K, D] (pre-RoPE, float32), lifespan [T, n_tau, L, K] (int32, clipped at
+    cap), censored [T] (bool: fewer than cap later queries were observed) and pos [T].
+    """
+    t = len(tokens_T)
+    if t % chunk:
+        chunk = t
+    policy = PolicyConfig.uniform(cfg.num_layers).resolve(t)
+    cache = init_cache(cfg, policy, 1, params["embed"].dtype)
+    toks = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
+    parts = []
+    for s in range(0, t, chunk):
+        pos = jnp.arange(s, s + chunk, dtype=jnp.int32)[None]
+        cache, qkk = _chunk_with_keys(params, cfg, policy, toks[:, s : s + chunk], pos, cache)
+        parts.append(qkk)
+    q, k, k_pre = (jnp.concatenate(x, axis=3) for x in zip(*parts))  # [L, 1, heads, T, D]
+    life = _all_layers(q, k, tuple(float(x) for x in taus), cap, method)
+    pos = np.arange(t, dtype=np.int32)
+    return {
+        "key": np.asarray(k_pre[:, 0].transpose(2, 0, 1, 3), np.float32),
+        "lifespan": np.asarray(life[:, :, 0].transpose(3, 1, 0, 2), np.int32),
+        "censored": pos > t - 1 - cap,
+        "pos": pos,
+    }
+
+
+def extract_labels(
+    params,
+    cfg: ModelConfig,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    model_name: str,
+    source: str | None = None,
+    books: Sequence[str] | None = None,
+    window: int = 2048,
+    cap: int = 1024,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    windows_per_doc: int = 2,
+    chunk: int = 512,
+) -> dict:
+    """Write a label store for `windows_per_doc` consecutive windows of each book."""
+    import datasets
+
+    if window > cfg.max_position:
+        raise ValueError(f"window {window} exceeds the model's context of {cfg.max_position}")
+    if not 0 < cap < window:
+        raise ValueError(f"cap must be in (0, window={window}), got {cap}")
+    files = text_files(source)
+    if books:
+        wanted = {b.removesuffix(".txt") for b in books}
+        files = [f for f in files if f.stem in wanted]
+        missing = wanted - {f.stem for f in files}
+        if missing:
+            raise FileNotFoundError(f"books not found in the text source: {sorted(missing)}")
+    jobs = []
+    for f in files:
+        ids = tokenizer(read_text(f)).input_ids
+        n = min(windows_per_doc, len(ids) // window)
+        if n == 0:
+            raise ValueError(f"{f.name} has {len(ids)} tokens, fewer than one window of {window}")
+        jobs += [(f.name, w, ids[w * window : (w + 1) * window]) for w in range(n)]
+    shape = (cfg.num_layers, cfg.num_kv_heads)
+    features = datasets.Features(
+        {
+            "key": datasets.Array3D((*shape, cfg.head_dim), "float32"),
+            "lifespan": datasets.Array3D((len(taus), *shape), "int32"),
+            "censored": datasets.Value("bool"),
+            "pos": datasets.Value("int32"),
+            "doc": datasets.Value("string"),
+            "window": datasets.Value("int32"),
+        }
+    )
+    parts = []
+    start = time.perf_counter()
+    for doc, w, ids in tqdm(jobs, desc="labelling windows"):
+        lab = window_labels(params, cfg, ids, taus=taus, cap=cap, chunk=chunk)
+        lab.update(doc=[doc] * window, window=np.full(window, w, np.int32))
+        parts.append(datasets.Dataset.from_dict(lab, features=features))
+    seconds = time.perf_counter() - start
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets.concatenate_datasets(parts).save_to_disk(str(out / "data"))
+    meta = {
+        "model": model_name,
+        "model_config": json.loads(cfg.to_json()),
+        "taus": list(taus),
+        "window": window,
+        "cap": cap,
+        "sources": sorted({d for d, _, _ in jobs}),
+        "num_layers": cfg.num_layers,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "n_windows": len(jobs),
+        "tokens_per_s": len(jobs) * window / seconds,
+    }
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2))  # written last: complete
+    return meta
+
+
+def load_store(path: str | Path):
+    """(metadata dict, datasets.Dataset in numpy format) of a label store."""
+    import datasets
+
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a label store (no metadata.json)")
+    meta = json.loads((path / "metadata.json").read_text())
+    return meta, datasets.load_from_disk(str(path / "data")).with_format("numpy")
