@@ -1,0 +1,232 @@
+"""Eviction policies on the fixed-shape cache: exactness against dense references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smartkv_jax import gates as gate_mod
+from smartkv_jax import model
+from smartkv_jax.cache import init_cache
+from smartkv_jax.config import ModelConfig
+from smartkv_jax.generate import forward_chunk, generate
+from smartkv_jax.policy import POLICY_KINDS, LayerPolicy, PolicyConfig
+
+from .conftest import full_logits
+
+CFG1 = ModelConfig(
+    model_type="llama",
+    vocab_size=53,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position=256,
+)
+CFG3 = dataclasses.replace(CFG1, num_layers=3)
+
+
+def _params(cfg, seed=0):
+    p = model.init_params(cfg, jax.random.PRNGKey(seed))
+    return jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 3 else a, p)
+
+
+def stream(params, cfg, policy, tokens, chunk, gates=None, oracle=None, on_chunk=None):
+    """Logits [T, V] of one sequence fed `chunk` tokens at a time under `policy`."""
+    t = len(tokens)
+    policy = policy.resolve(t)
+    cache = init_cache(cfg, policy, 1)
+    out = []
+    for s in range(0, t, chunk):
+        toks = np.asarray(tokens[s : s + chunk], np.int32)[None]
+        pos = np.arange(s, s + toks.shape[1], dtype=np.int32)[None]
+        orc = None if oracle is None else jnp.asarray(oracle[:, None, :, s : s + chunk])
+        hidden, cache = forward_chunk(
+            params, cfg, policy, jnp.asarray(toks), jnp.asarray(pos), cache, gates, orc
+        )
+        out.append(np.asarray(model.logits(params, cfg, hidden))[0])
+        if on_chunk is not None:
+            on_chunk(s + toks.shape[1] - 1, cache)
+    return np.concatenate(out), cache
+
+
+def visible_reference(params, cfg, tokens, visible_sets):
+    """One-layer model: query i's logits from a full forward over exactly its visible keys
+    (one right-padded batch row per query, so a single compiled pass)."""
+    rows = [np.array(sorted(vis | {i})) for i, vis in enumerate(visible_sets)]
+    width = max(len(r) for r in rows)
+    toks = np.zeros((len(rows), width), np.int32)
+    pos = np.full((len(rows), width), -1, np.int32)
+    for b, idx in enumerate(rows):
+        toks[b, : len(idx)] = np.asarray(tokens)[idx]
+        pos[b, : len(idx)] = idx
+    pol = PolicyConfig.uniform(cfg.num_layers).resolve(width)
+    hidden, _ = model.forward(
+        params, cfg, pol, jnp.asarray(toks), jnp.asarray(pos), init_cache(cfg, pol, len(rows))
+    )
+    last = np.array([len(r) - 1 for r in rows])
+    return np.asarray(model.logits(params, cfg, hidden))[np.arange(len(rows)), last]
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_window_equals_sliding_window_with_sinks(chunk):
+    params = _params(CFG1)
+    tokens = np.random.default_rng(0).integers(0, 53, 30)
+    n_sink, cap = 2, 8
+    policy = PolicyConfig.uniform(1, LayerPolicy("window", capacity=cap, n_sink=n_sink))
+    got, _ = stream(params, CFG1, policy, tokens, chunk)
+    sets = []
+    for i in range(len(tokens)):
+        s = i - i % chunk  # the chunk's first position: the cache holds what came before
+        held = set(range(min(n_sink, s))) | set(range(max(n_sink, s - (cap - n_sink)), s))
+        sets.append(held | set(range(s, i + 1)))
+    np.testing.assert_allclose(got, visible_reference(params, CFG1, tokens, sets), atol=1e-4)
+
+
+def _infinite_gates(cfg):
+    g = gate_mod.init_gates(
+        gate_mod.GateConfig(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), jax.random.PRNGKey(1)
+    )
+    return dataclasses.replace(g, w_out=g.w_out * 0, b_out=g.b_out * 0 + 20.0)
+
+
+@pytest.mark.parametrize("kind", POLICY_KINDS)
+def test_capacity_at_least_sequence_equals_full(kind):
+    params = _params(CFG3)
+    tokens = np.random.default_rng(1).integers(0, 53, 24)
+    want = full_logits(params, CFG3, tokens[None])[0]
+    policy = PolicyConfig.uniform(3, LayerPolicy(kind, capacity=24, recent=4, n_sink=1))
+    oracle = np.zeros((3, 2, 24), np.float32)  # life 1: every key expires at once...
+    gates = _infinite_gates(CFG3)
+    if kind == "oracle":
+        oracle += 20.0  # ...unless its predicted life is unbounded
+    got, _ = stream(params, CFG3, policy, tokens, 5, gates=gates, oracle=oracle)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_expired_keys_are_hidden_from_attention():
+    params = _params(CFG1)
+    tokens = np.random.default_rng(2).integers(0, 53, 20)
+    policy = PolicyConfig.uniform(1, LayerPolicy("oracle", capacity=20, recent=3, n_sink=1))
+    oracle = np.zeros((1, 2, 20), np.float32)  # life 1 token for every key
+    got, _ = stream(params, CFG1, policy, tokens, 1, oracle=oracle)
+    # key j stays visible to query i while j >= i - 2 (recent 3), j == 0 (sink) or i <= j + 1
+    sets = [{0} | set(range(max(0, i - 2), i + 1)) | {i - 1} for i in range(20)]
+    sets = [{j for j in s if j >= 0} for s in sets]
+    np.testing.assert_allclose(got, visible_reference(params, CFG1, tokens, sets), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["window", "gated", "oracle", "h2o", "snapkv", "knorm", "random"])
+def test_sinks_and_recent_window_are_never_evicted(kind):
+    params = _params(CFG3)
+    tokens = np.random.default_rng(3).integers(0, 53, 40)
+    n_sink, recent = 2, 5
+    policy = PolicyConfig.uniform(
+        3, LayerPolicy(kind, capacity=10, n_sink=n_sink, recent=recent, mask_expired=False)
+    )
+    oracle = np.random.default_rng(4).uniform(-1, 3, (3, 2, 40)).astype(np.float32)
+    gates = gate_mod.init_gates(gate_mod.GateConfig(3, 2, 8), jax.random.PRNGKey(2))
+
+    def check(t, cache):
+        pos = np.asarray(cache.groups[0].pos)  # [L, B, K, S]
+        must = set(range(max(0, t - recent + 1), t + 1))
+        if kind != "window":
+            must |= set(range(min(n_sink, t + 1)))
+        else:
+            must = set(range(min(n_sink, t + 1))) | set(range(max(0, t - 7), t + 1))
+        for row in pos.reshape(-1, pos.shape[-1]):
+            assert must <= set(row.tolist()), (t, sorted(row.tolist()))
+
+    stream(params, CFG3, policy, tokens, 1, gates=gates, oracle=oracle, on_chunk=check)
+    stream(params, CFG3, policy, tokens, 4, gates=gates, oracle=oracle, on_chunk=check)
+
+
+def _dense_probs(params, cfg, tokens):
+    """Causal attention probabilities A[K, G, T, T] of a one-layer model."""
+    t = len(tokens)
+    pol = PolicyConfig.uniform(1).resolve(t)
+    _, _, (q, k, _) = model.forward(
+        params,
+        cfg,
+        pol,
+        jnp.asarray(tokens[None], jnp.int32),
+        jnp.arange(t, dtype=jnp.int32)[None],
+        init_cache(cfg, pol, 1),
+        probe=lambda q, k, kp: (q, k, kp),
+    )
+    q = np.asarray(q[0, 0], np.float64).reshape(cfg.num_kv_heads, -1, t, cfg.head_dim)
+    k = np.asarray(k[0, 0], np.float64)
+    s = np.einsum("kgid,kjd->kgij", q, k) / np.sqrt(cfg.head_dim)
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["h2o", "tova"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_attention_scores_match_dense_reference(kind, chunk):
+    params = _params(CFG1)
+    tokens = np.random.default_rng(5).integers(0, 53, 16)
+    policy = PolicyConfig.uniform(1, LayerPolicy(kind, capacity=16))
+    _, cache = stream(params, CFG1, policy, tokens, 1 if kind == "tova" else chunk)
+    a = _dense_probs(params, CFG1, tokens).sum(1)  # [K, T(query), T(key)], summed over group
+    want = a.sum(1) if kind == "h2o" else a[:, -1]
+    lc = cache.groups[0]
+    pos, score = np.asarray(lc.pos[0, 0]), np.asarray(lc.score[0, 0])
+    for h in range(2):
+        order = np.argsort(pos[h])
+        np.testing.assert_allclose(score[h][order], want[h], atol=1e-5)
+
+
+def test_per_layer_cache_arrays_have_their_sizes():
+    table = PolicyConfig(
+        layers=(
+            LayerPolicy("window", capacity=6, n_sink=2),
+            LayerPolicy("h2o", capacity=9),
+            LayerPolicy("full"),
+        )
+    )
+    cache = init_cache(CFG3, table.resolve(64), batch=2)
+    assert cache.layer_capacities() == [6, 9, 64]
+    shapes = [(g.k.shape, g.pos.shape) for g in cache.groups]
+    assert shapes == [
+        ((1, 2, 2, 6, 8), (1, 2, 2, 6)),
+        ((1, 2, 2, 9, 8), (1, 2, 2, 9)),
+        ((1, 2, 2, 64, 8), (1, 2, 2, 64)),
+    ]
+    assert cache.kv_bytes() == 2 * 2 * 2 * (6 + 9 + 64) * 8 * 4
+
+
+def test_policy_table_round_trips_and_rejects_gaps(tmp_path):
+    table = PolicyConfig(
+        layers=(
+            LayerPolicy("window", capacity=36),
+            LayerPolicy("gated", capacity=100),
+            LayerPolicy("gated", capacity=100),
+        ),
+        name="hybrid",
+    )
+    path = tmp_path / "p.json"
+    path.write_text(table.to_json())
+    assert PolicyConfig.from_file(path, 3) == table
+    assert "1-2 | gated(100 slots" in table.table()
+    with pytest.raises(ValueError, match="does not cover layers \\[2\\]"):
+        PolicyConfig.from_json('{"layers": [{"layers": "0-1", "kind": "full"}]}', 3)
+    with pytest.raises(ValueError, match="unknown policy"):
+        LayerPolicy("lru")
+
+
+def test_generate_with_eviction_policy_runs_in_budget():
+    params = _params(CFG3)
+    policy = PolicyConfig.uniform(3, LayerPolicy("window", capacity=12, n_sink=2))
+    res = generate(
+        params, CFG3, [[1, 2, 3] * 20, [4, 5] * 7], 10, policy=policy, chunk=8, stop_tokens=()
+    )
+    assert [len(t) for t in res.tokens] == [10, 10]
+    assert res.cache.layer_capacities() == [12, 12, 12]
