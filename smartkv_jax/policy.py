@@ -256,3 +256,52 @@ def update_scores(policy: LayerPolicy, score_BKS: jax.Array, mass_BKS: jax.Array
     if policy.kind == "snapkv":
         return jnp.maximum(score_BKS, mass_BKS)
     return score_BKS
+
+
+def seed_hybrid(num_layers: int, context: int, memory_fraction: float) -> PolicyConfig:
+    """The seed's hybrid rule scaled to the model's depth and a memory budget.
+
+    The first sixth of the layers keep 32 recent tokens + 4 sinks (their keys are
+    short-lived), the last sixth keep recent tokens only, the middle layers are gated and
+    share the rest of the budget (`memory_fraction` of the full cache at `context` tokens).
+    """
+    edge = max(1, round(num_layers / 6))
+    total = int(memory_fraction * context * num_layers)
+    early = LayerPolicy("window", capacity=36, n_sink=4)
+    deep_cap = max(16, min(64, total // num_layers))
+    deep = LayerPolicy("recent", capacity=deep_cap)
+    n_mid = num_layers - 2 * edge
+    mid_cap = (total - edge * (early.capacity + deep_cap)) // max(n_mid, 1)
+    if mid_cap < 48:
+        raise ValueError(
+            f"a budget of {memory_fraction:.4f} x {context} tokens is too small for the hybrid "
+            f"rule ({mid_cap} slots per gated layer)"
+        )
+    mid = LayerPolicy("gated", capacity=mid_cap, n_sink=4, recent=32, margin=2.0)
+    layers = (early,) * edge + (mid,) * n_mid + (deep,) * edge
+    return PolicyConfig(layers=layers, name="hybrid")
+
+
+def make_policy(
+    name: str, num_layers: int, context: int, memory_fraction: float = 1.0
+) -> PolicyConfig:
+    """A policy by name at `memory_fraction` of the full cache for `context` tokens.
+
+    name: "hybrid" (the seed's rule), a kind from POLICY_KINDS applied to every layer (with
+    "gated-only" an alias of "gated"), or a path to a JSON policy table.
+    """
+    if name.endswith(".json"):
+        return PolicyConfig.from_file(name, num_layers)
+    if name == "hybrid":
+        return seed_hybrid(num_layers, context, memory_fraction)
+    kind = "gated" if name == "gated-only" else name
+    if kind == "full":
+        return PolicyConfig.uniform(num_layers)
+    if kind not in POLICY_KINDS:
+        raise ValueError(
+            f"unknown policy {name!r}; use hybrid, gated-only, {', '.join(POLICY_KINDS)} "
+            "or a .json table"
+        )
+    cap = max(8, int(memory_fraction * context))
+    margin = 2.0 if kind == "gated" else 1.0
+    return PolicyConfig.uniform(num_layers, LayerPolicy(kind, capacity=cap, margin=margin))
