@@ -115,7 +115,8 @@ def reference_evict_insert(
     """Greedy insert of C new tokens into a full-size cache, in plain jax.numpy.
 
     A ``lax.fori_loop`` over the C tokens updates the small per-slot arrays and records,
-    per slot, which new token (if any) ended up there; k and v are gathered once at the end.
+    per slot, which new token (if any) ended up there; the surviving new k/v rows are then
+    scattered into their slots (C rows written, the rest of the cache untouched).
 
     Args:
       k_BKSD, v_BKSD: cache keys / values [B, K, S, D], any float dtype.
@@ -142,6 +143,7 @@ def reference_evict_insert(
         new_score_BKC,
         new_rank_BKC,
     )
+    k_BKSD, v_BKSD = jnp.asarray(k_BKSD), jnp.asarray(v_BKSD)
     new_pos_BKC = new_pos_BKC.astype(jnp.int32)
     new_score_BKC = new_score_BKC.astype(jnp.float32)
     new_rank_BKC = new_rank_BKC.astype(jnp.float32)
@@ -167,12 +169,18 @@ def reference_evict_insert(
         0, C, insert_one, (pos_BKS, score_BKS, rank_BKS, src0_BKS)
     )
     if C > 0:
-        gather_BKS1 = jnp.clip(src_BKS, 0, C - 1)[..., None]
-        written_BKS1 = (src_BKS >= 0)[..., None]
-        new_k_BKSD = jnp.take_along_axis(new_k_BKCD.astype(k_BKSD.dtype), gather_BKS1, axis=2)
-        new_v_BKSD = jnp.take_along_axis(new_v_BKCD.astype(v_BKSD.dtype), gather_BKS1, axis=2)
-        k_BKSD = jnp.where(written_BKS1, new_k_BKSD, k_BKSD)
-        v_BKSD = jnp.where(written_BKS1, new_v_BKSD, v_BKSD)
+        # Scatter only the surviving new rows (a slot may be taken twice within one call:
+        # the last writer wins), so the cache is updated in place, not rewritten.
+        hit_BKCS = src_BKS[:, :, None, :] == jnp.arange(C, dtype=jnp.int32)[None, None, :, None]
+        dest_BKC = jnp.where(jnp.any(hit_BKCS, -1), jnp.argmax(hit_BKCS, -1), S)
+        b_BKC = jnp.arange(B)[:, None, None]
+        h_BKC = jnp.arange(K)[None, :, None]
+        k_BKSD = k_BKSD.at[b_BKC, h_BKC, dest_BKC].set(
+            new_k_BKCD.astype(k_BKSD.dtype), mode="drop"
+        )
+        v_BKSD = v_BKSD.at[b_BKC, h_BKC, dest_BKC].set(
+            new_v_BKCD.astype(v_BKSD.dtype), mode="drop"
+        )
     return k_BKSD, v_BKSD, pos_BKS, score_BKS, rank_BKS
 
 

@@ -17,6 +17,7 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     from .convert import load_model
     from .generate import SamplingConfig, generate
+    from .policy import make_policy
 
     m = load_model(args.model, _dtype(args.dtype))
     prompts = args.prompt
@@ -31,13 +32,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p
     )
-    kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk)
+    context = max(len(i) for i in ids) + args.max_new_tokens
+    policy = make_policy(args.policy, m.cfg.num_layers, context, args.budget)
+    gates = None
+    if policy.needs_gates:
+        if not args.gates:
+            raise ValueError(f"policy {args.policy!r} has gated layers: pass --gates CKPT_DIR")
+        from train.train_gates import load_gates
+
+        gates, _ = load_gates(args.gates)
+    kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk, policy=policy, gates=gates)
     # warm-up with the same shapes (the loop length is dynamic) so timings exclude compiling
     generate(m.params, m.cfg, ids, 2, **kwargs)
     res = generate(m.params, m.cfg, ids, args.max_new_tokens, **kwargs)
     texts = [m.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
     report = {
         "model": m.source,
+        "policy": policy.name,
+        "memory_fraction": policy.memory_fraction(context),
         "completions": texts,
         "new_tokens": [len(t) for t in res.tokens],
         "prefill_s": round(res.prefill_s, 4),
@@ -47,6 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(policy.table() + "\n")
         for p, t in zip(prompts, texts):
             print(f"--- prompt: {p!r}\n{t}\n")
         print(
@@ -123,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chunk", type=int, default=256, help="prefill chunk length in tokens")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument(
+        "--policy",
+        default="full",
+        help="cache policy: full, hybrid (the seed's per-layer rule), gated-only, window, "
+        "recent, h2o, tova, snapkv, knorm, random, or a JSON policy table file",
+    )
+    g.add_argument(
+        "--budget",
+        type=float,
+        default=0.25,
+        help="KV memory as a fraction of the full cache (ignored by full / tables)",
+    )
+    g.add_argument("--gates", default=None, help="gate checkpoint directory (gated policies)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
