@@ -1,11 +1,14 @@
-"""Decode speed: our jitted generate vs transformers' PyTorch generate, full cache, same CPU.
+"""Decode speed and KV memory: our jitted generate under cache policies vs transformers'
+PyTorch generate (full cache), same model, same CPU.
 
     python -m eval.bench_decode [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128]
+                                [--policies full hybrid] [--budget 0.25] [--gates CKPT]
 
-Prompts are real text (the shared books), one offset per batch row. For both systems the
-decode rate is new tokens (batch x (new_tokens - 1)) over decode time: ours times its decode
-loop directly; for PyTorch, decode time = time(generate N tokens) - time(generate 1 token).
-Both run after a warm-up with the same shapes, so compilation is excluded.
+Prompts are real text (the shared books), one offset per batch row. Decode rate is
+batch x (new_tokens - 1) new tokens over decode time: ours times its decode loop directly;
+for PyTorch, decode time = time(generate N tokens) - time(generate 1 token). Both run after
+a warm-up with the same shapes, so compilation is excluded. KV bytes are the keys and values
+our cache allocates (PyTorch's full cache holds the same number as our full policy).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import json
 import time
 from pathlib import Path
 
+import jax
 from tqdm import tqdm
 
 from smartkv_jax.convert import DEFAULT_MODEL, load_model, smollm2_path
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.generate import generate
+from smartkv_jax.policy import make_policy
 
 
 def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[list[int]]:
@@ -35,10 +40,12 @@ def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[lis
     return [ids[i * step : i * step + n_tokens] for i in range(n_rows)]
 
 
-def time_ours(m, prompts, new_tokens: int) -> float:
-    generate(m.params, m.cfg, prompts, 2, stop_tokens=())
-    res = generate(m.params, m.cfg, prompts, new_tokens, stop_tokens=())
-    return res.decode_tokens_per_s
+def time_ours(m, prompts, new_tokens: int, policy, gates) -> tuple[float, int]:
+    """(decode tokens/s, KV bytes) of our generate under `policy`."""
+    kw = dict(stop_tokens=(), policy=policy, gates=gates)
+    generate(m.params, m.cfg, prompts, 2, **kw)
+    res = generate(m.params, m.cfg, prompts, new_tokens, **kw)
+    return res.decode_tokens_per_s, res.cache.kv_bytes()
 
 
 def time_torch(hf, prompts, new_tokens: int) -> float:
@@ -60,55 +67,91 @@ def time_torch(hf, prompts, new_tokens: int) -> float:
     return len(prompts) * (new_tokens - 1) / decode_s
 
 
+def _torch_model(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = smollm2_path() if name == DEFAULT_MODEL else Path(name)
+    kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+    src = str(p.parent if p.suffix == ".gguf" else p)
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+
+
+def _gates(m, ckpt: str | None):
+    """Trained gates from `ckpt`, or random ones (which cost the same) for a speed-only run."""
+    from smartkv_jax import gates as gate_mod
+
+    if ckpt:
+        from train.train_gates import load_gates
+
+        return load_gates(ckpt)[0], ckpt
+    cfg = gate_mod.GateConfig(m.cfg.num_layers, m.cfg.num_kv_heads, m.cfg.head_dim)
+    return gate_mod.init_gates(cfg, jax.random.PRNGKey(0)), "random init (speed only)"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        default=["full"],
+        help="our cache policies to time (see `smartkv generate --help`)",
+    )
+    ap.add_argument(
+        "--budget", type=float, default=0.25, help="memory fraction of non-full policies"
+    )
+    ap.add_argument("--gates", default=None, help="gate checkpoint (default: random gates)")
     ap.add_argument("--text", default=None, help="directory of .txt files (default: shared books)")
     ap.add_argument("--no-torch", action="store_true", help="time only our implementation")
     ap.add_argument("--out", default="results/bench_decode")
     args = ap.parse_args(argv)
 
     m = load_model(args.model)
-    hf = None
-    if not args.no_torch:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        p = smollm2_path() if args.model == DEFAULT_MODEL else Path(args.model)
-        kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(p.parent if p.suffix == ".gguf" else p), dtype=torch.float32, **kw
-        ).eval()
+    hf = None if args.no_torch else _torch_model(args.model)
+    gates, gates_src = _gates(m, args.gates)
     rows = []
     cases = [(c, b) for c in args.contexts for b in args.batches]
     for ctx, batch in tqdm(cases, desc="decode benchmark"):
         prompts = book_prompts(m.tokenizer, batch, ctx, args.text)
-        ours = time_ours(m, prompts, args.new_tokens)
-        theirs = time_torch(hf, prompts, args.new_tokens) if hf is not None else float("nan")
-        rows.append(
-            {
-                "context": ctx,
-                "batch": batch,
-                "ours_tok_s": ours,
-                "torch_tok_s": theirs,
-                "ratio": ours / theirs,
-            }
-        )
-        tqdm.write(json.dumps(rows[-1]))
+        row = {"context": ctx, "batch": batch}
+        row["torch_tok_s"] = time_torch(hf, prompts, args.new_tokens) if hf else float("nan")
+        for name in args.policies:
+            policy = make_policy(name, m.cfg.num_layers, ctx + args.new_tokens, args.budget)
+            tok_s, kv = time_ours(m, prompts, args.new_tokens, policy, gates)
+            row[f"{name}_tok_s"], row[f"{name}_kv_bytes"] = tok_s, kv
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+    base = args.policies[0]
+    head = ["context", "batch", "torch tok/s"]
+    for name in args.policies:
+        head += [f"{name} tok/s", f"{name} / torch", f"{name} KV MiB"]
+        if name != base:
+            head += [f"{name} / {base} speed", f"{name} / {base} KV"]
     lines = [
-        f"model: {m.source}; new tokens: {args.new_tokens}; float32; full cache; CPU",
+        f"model: {m.source}; new tokens: {args.new_tokens}; float32; CPU "
+        f"({jax.devices()[0].device_kind}); budget {args.budget}; gates: {gates_src}",
         "",
-        "| context | batch | ours tok/s | torch tok/s | ours / torch |",
-        "|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['context']} | {r['batch']} | {r['ours_tok_s']:.1f} | "
-            f"{r['torch_tok_s']:.1f} | {r['ratio']:.2f}x |"
-        )
+        cells = [str(r["context"]), str(r["batch"]), f"{r['torch_tok_s']:.1f}"]
+        for name in args.policies:
+            cells += [
+                f"{r[f'{name}_tok_s']:.1f}",
+                f"{r[f'{name}_tok_s'] / r['torch_tok_s']:.2f}x",
+                f"{r[f'{name}_kv_bytes'] / 2**20:.1f}",
+            ]
+            if name != base:
+                cells += [
+                    f"{r[f'{name}_tok_s'] / r[f'{base}_tok_s']:.2f}x",
+                    f"{r[f'{name}_kv_bytes'] / r[f'{base}_kv_bytes']:.3f}",
+                ]
+        lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

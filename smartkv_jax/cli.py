@@ -110,6 +110,22 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from train.calibrate import calibrate
+
+    table = calibrate(args.labels, args.context, args.budget, tau=args.tau)
+    text = table.to_json()
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text if args.json else table.table())
+    print(
+        f"memory: {table.memory_fraction(args.context):.4f} of the full cache at "
+        f"{args.context} tokens",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smartkv", description="SmartKV-JAX: learned KV-cache eviction for decoder LLMs."
@@ -200,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--out", required=True, help="output directory of the label store")
     lab.add_argument("--json", action="store_true", help="print the store's metadata as JSON")
     lab.set_defaults(func=cmd_labels)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="derive a hybrid per-layer policy table from label statistics",
+        description="Classify each layer from its lifespan statistics (short-lived: window; "
+        "few long-lived keys: recent; otherwise gated) and split a total memory budget "
+        "between layers by their expected number of live keys (Little's law).",
+    )
+    cal.add_argument("--labels", required=True, help="label store written by `smartkv labels`")
+    cal.add_argument("--context", type=int, default=8192, help="context length the budget is for")
+    cal.add_argument(
+        "--budget",
+        type=float,
+        default=0.25,
+        help="KV memory as a fraction of the full cache at --context",
+    )
+    cal.add_argument("--tau", type=float, default=0.05, help="threshold of the labels to use")
+    cal.add_argument("--out", default=None, help="write the table as JSON here")
+    cal.add_argument("--json", action="store_true", help="print the table as JSON")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

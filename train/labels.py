@@ -172,14 +172,3 @@ def extract_labels(
     }
     (out / "metadata.json").write_text(json.dumps(meta, indent=2))  # written last: complete
     return meta
-
-
-def load_store(path: str | Path):
-    """(metadata dict, datasets.Dataset in numpy format) of a label store."""
-    import datasets
-
-    path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a label store (no metadata.json)")
-    meta = json.loads((path / "metadata.json").read_text())
-    return meta, datasets.load_from_disk(str(path / "data")).with_format("numpy")
