@@ -192,7 +192,8 @@ def generate(
     """Generate up to `max_new_tokens` for each prompt (lists of token ids).
 
     `policy` sets each layer's cache policy and capacity; by default every layer keeps the
-    whole sequence. Gated layers need `gates` (see smartkv_jax.gates). `stop_tokens` defaults to the model's EOS ids.
+    whole sequence. Gated layers need `gates` (see smartkv_jax.gates). `stop_tokens`
+    defaults to the model's EOS ids.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
