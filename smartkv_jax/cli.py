@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default=None, help="write the table as JSON here")
     cal.add_argument("--json", action="store_true", help="print the table as JSON")
     cal.set_defaults(func=cmd_calibrate)
+
+    from eval.report import add_eval_cli
+    from train.train_gates import add_cli as add_train_cli
+
+    add_train_cli(sub)
+    add_eval_cli(sub)
     return parser
 
 
