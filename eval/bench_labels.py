@@ -5,7 +5,7 @@
 Each (window, method) runs in a fresh subprocess that loads the model, labels one window
 of a shared book at tau 0.05 twice (the first run compiles) and reports the second run's
 tokens/s and the process's peak resident memory (ru_maxrss). A baseline subprocess that
-only loads the model and runs the chunked forward pass gives the memory the labels add.
+only loads the model gives the memory the labelling adds.
 """
 
 from __future__ import annotations

@@ -132,3 +132,15 @@ def test_generate_rejects_context_over_limit(params):
         generate(params, CFG, [[1] * 100], 40)
     with pytest.raises(ValueError, match="at least one token"):
         generate(params, CFG, [[]], 4)
+
+
+def test_bfloat16_params_and_cache(params):
+    bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, 24))
+    want = full_logits(params, CFG, tokens)
+    got = full_logits(bf16, CFG, tokens)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    res = generate(bf16, CFG, [tokens[0].tolist()], 4, stop_tokens=())
+    assert res.cache.groups[0].k.dtype == jnp.bfloat16
+    assert len(res.tokens[0]) == 4
