@@ -55,12 +55,22 @@ def lifespans_of_layer(
 
 
 @partial(jax.jit, static_argnums=(2, 3, 4))
-def _all_layers(q_LBHTD, k_LBKTD, taus: tuple[float, ...], cap: int, method: str):
+def all_layer_lifespans(
+    q_LBHTD: jax.Array, k_LBKTD: jax.Array, taus: tuple[float, ...], cap: int, method: str
+) -> jax.Array:
+    """Lifespans of every layer's keys at each tau, clipped at cap: [L, n_tau, B, K, T]."""
+
     def one(qk):
         q, k = qk
         return jnp.stack([lifespans_of_layer(q, k, t, method) for t in taus])  # [n_tau, B, K, T]
 
     return jnp.minimum(jax.lax.map(one, (q_LBHTD, k_LBKTD)), cap)  # [L, n_tau, B, K, T]
+
+
+def censored(window: int, cap: int) -> np.ndarray:
+    """[T] bool: keys after T - 1 - cap have fewer than cap later queries in the window, so
+    their lifespan is only a lower bound (DESIGN.md: censoring)."""
+    return np.arange(window) > window - 1 - cap
 
 
 def window_labels(
@@ -90,12 +100,12 @@ def window_labels(
         cache, qkk = _chunk_with_keys(params, cfg, policy, toks[:, s : s + chunk], pos, cache)
         parts.append(qkk)
     q, k, k_pre = (jnp.concatenate(x, axis=3) for x in zip(*parts))  # [L, 1, heads, T, D]
-    life = _all_layers(q, k, tuple(float(x) for x in taus), cap, method)
+    life = all_layer_lifespans(q, k, tuple(float(x) for x in taus), cap, method)
     pos = np.arange(t, dtype=np.int32)
     return {
         "key": np.asarray(k_pre[:, 0].transpose(2, 0, 1, 3), np.float32),
         "lifespan": np.asarray(life[:, :, 0].transpose(3, 1, 0, 2), np.int32),
-        "censored": pos > t - 1 - cap,
+        "censored": censored(t, cap),
         "pos": pos,
     }
 

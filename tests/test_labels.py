@@ -1,0 +1,148 @@
+"""Lifespan labels from hand-built attention matrices: GQA max, tau boundary, cap, censoring,
+sinks; and a real-model window against the dense path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train.labels import all_layer_lifespans, censored
+
+
+def qk_for_attention(a_GTT: np.ndarray):
+    """Queries and one-hot keys whose causal softmax attention is exactly a_GTT (rows of
+    each [T, T] matrix are distributions over j <= i). Returns q [1, 1, G, T, T] and
+    k [1, 1, 1, T, T] (layer and batch axes first; head dim D = T)."""
+    g, t, _ = a_GTT.shape
+    scale = t**-0.5
+    q = np.log(np.maximum(a_GTT, 1e-30)) / scale  # logit(i, j) = q_i . e_j * scale
+    k = np.eye(t, dtype=np.float32)
+    return q[None, None].astype(np.float32), k[None, None, None]
+
+
+def attention(t: int, entries: dict[tuple[int, int], float], g: int = 1) -> np.ndarray:
+    """[G, T, T]: each row i puts the given mass on (i, j) for head h and spreads the rest
+    evenly over its other causal keys. entries: {(h, i, j): p}."""
+    a = np.zeros((g, t, t))
+    for h in range(g):
+        for i in range(t):
+            fixed = {j: p for (hh, ii, j), p in entries.items() if hh == h and ii == i}
+            rest = [j for j in range(i + 1) if j not in fixed]
+            for j, p in fixed.items():
+                a[h, i, j] = p
+            if rest:
+                a[h, i, rest] = (1 - sum(fixed.values())) / len(rest)
+            else:
+                a[h, i] /= a[h, i].sum()
+    return a
+
+
+def run(a_GTT, taus=(0.05,), cap=None, t=None):
+    q, k = qk_for_attention(a_GTT)
+    t = a_GTT.shape[1]
+    out = all_layer_lifespans(q, k, tuple(taus), cap or t, "blockwise")
+    return np.asarray(out)[0, :, 0, 0]  # [n_tau, T]
+
+
+def test_tau_boundary_is_strict():
+    t = 40  # uniform rows give 1/(i+1): not above 0.05 once i >= 19
+    a = attention(t, {(0, 30, 3): 0.0501, (0, 35, 4): 0.0499})
+    life = run(a)[0]
+    assert life[3] == 27  # 30 - 3: just above tau
+    assert life[4] == 18 - 4  # 0.0499 does not count; uniform rows pass while 1/(i+1) > tau
+    assert life[t - 1] == 0  # only the query at j itself
+
+
+def test_gqa_group_takes_the_max_over_heads():
+    t = 40
+    a = attention(t, {(0, 25, 2): 0.3, (1, 33, 2): 0.3}, g=2)
+    assert run(a)[0][2] == 31  # head 1 sees key 2 latest
+    assert run(a[:1])[0][2] == 23  # head 0 alone
+
+
+def test_sink_is_clipped_at_cap_and_late_keys_are_censored():
+    t, cap = 48, 16
+    a = attention(t, {(0, i, 0): 0.6 for i in range(t)})
+    life = run(a, cap=cap)[0]
+    assert life[0] == cap  # attended by every query: lifespan t - 1 clipped to the cap
+    flags = censored(t, cap)
+    assert not flags[: t - cap].any() and flags[t - cap :].all()
+
+
+def test_two_taus_at_once():
+    t = 40
+    a = attention(t, {(0, 30, 5): 0.08})
+    low, high = run(a, taus=(0.05, 0.11))
+    assert low[5] == 25 and high[5] == 8 - 5  # at 0.11 only uniform rows i <= 8 pass
+
+
+@pytest.mark.parametrize("method", ["blockwise", "dense"])
+def test_methods_agree_on_random_attention(method):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 1, 4, 70, 8)).astype(np.float32) * 2
+    k = rng.standard_normal((2, 1, 2, 70, 8)).astype(np.float32) * 2
+    want = np.asarray(all_layer_lifespans(q, k, (0.05, 0.11), 30, "dense"))
+    got = np.asarray(all_layer_lifespans(q, k, (0.05, 0.11), 30, method))
+    np.testing.assert_array_equal(got, want)
+    assert want.max() == 30 and want.min() == 0
+
+
+class _ByteTokenizer:
+    def __call__(self, text):
+        return type("Enc", (), {"input_ids": [b % 53 for b in text.encode()]})()
+
+
+def test_extract_labels_writes_a_readable_store(tmp_path):
+    import jax
+
+    from smartkv_jax import model
+    from smartkv_jax.config import ModelConfig
+    from train.labels import extract_labels
+    from train.train_gates import open_store
+
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position=128,
+    )
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("the quick brown fox jumps " * 20)
+    (tmp_path / "books" / "b.txt").write_text("over the lazy dog again " * 20)
+    meta = extract_labels(
+        params,
+        cfg,
+        _ByteTokenizer(),
+        tmp_path / "store",
+        model_name="tiny",
+        source=tmp_path / "books",
+        books=["a"],
+        window=64,
+        cap=16,
+        windows_per_doc=2,
+        chunk=32,
+    )
+    assert meta["sources"] == ["a.txt"] and meta["n_windows"] == 2
+    store = open_store(tmp_path / "store")
+    assert store.keys_NLKD.shape == (128, 2, 2, 8)
+    assert store.lifespan_NTLK.shape == (128, 2, 2, 2)
+    assert store.censored_N.sum() == 2 * 16
+    assert store.lifespan_NTLK.max() <= 16
+    with pytest.raises(FileNotFoundError, match="books not found"):
+        extract_labels(
+            params,
+            cfg,
+            _ByteTokenizer(),
+            tmp_path / "x",
+            model_name="tiny",
+            source=tmp_path / "books",
+            books=["zzz"],
+            window=64,
+            cap=16,
+        )
