@@ -100,6 +100,67 @@ def _check_inputs(
     return B, K, S, C
 
 
+def reference_evict_slots(
+    pos_BKS: jax.Array,
+    score_BKS: jax.Array,
+    rank_BKS: jax.Array,
+    new_pos_BKC: jax.Array,
+    new_score_BKC: jax.Array,
+    new_rank_BKC: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The victim choice of `reference_evict_insert` on the small per-slot arrays only.
+
+    Returns the updated (pos_BKS, score_BKS, rank_BKS) and dest_BKC int32: the slot each
+    new token finally occupies, or S when it was dropped or overwritten later in the same
+    call. Writing new k/v rows at dest (`scatter_rows`) completes the insert, so a caller
+    holding a stacked multi-layer cache can update it in place.
+    """
+    S = pos_BKS.shape[-1]
+    C = new_pos_BKC.shape[-1]
+    new_pos_BKC = jnp.asarray(new_pos_BKC).astype(jnp.int32)
+    new_score_BKC = jnp.asarray(new_score_BKC).astype(jnp.float32)
+    new_rank_BKC = jnp.asarray(new_rank_BKC).astype(jnp.float32)
+    slot_S = jnp.arange(S, dtype=jnp.int32)
+
+    def insert_one(i, carry):
+        pos, score, rank, src, dest = carry  # [B, K, S] x4 (src: new index per slot or -1)
+        npos_BK = lax.dynamic_index_in_dim(new_pos_BKC, i, axis=2, keepdims=False)
+        nscore_BK = lax.dynamic_index_in_dim(new_score_BKC, i, axis=2, keepdims=False)
+        nrank_BK = lax.dynamic_index_in_dim(new_rank_BKC, i, axis=2, keepdims=False)
+        j_BK = jnp.argmin(rank, axis=2).astype(jnp.int32)  # first index on ties
+        rmin_BK = jnp.min(rank, axis=2)
+        take_BK = (npos_BK >= 0) & (nrank_BK > rmin_BK)
+        hit_BKS = take_BK[:, :, None] & (slot_S == j_BK[:, :, None])
+        pos = jnp.where(hit_BKS, npos_BK[:, :, None], pos)
+        score = jnp.where(hit_BKS, nscore_BK[:, :, None], score)
+        rank = jnp.where(hit_BKS, nrank_BK[:, :, None], rank)
+        src = jnp.where(hit_BKS, i, src)
+        dest = lax.dynamic_update_index_in_dim(dest, jnp.where(take_BK, j_BK, S), i, axis=2)
+        return pos, score, rank, src, dest
+
+    carry = (
+        jnp.asarray(pos_BKS).astype(jnp.int32),
+        jnp.asarray(score_BKS).astype(jnp.float32),
+        jnp.asarray(rank_BKS).astype(jnp.float32),
+        jnp.full(pos_BKS.shape, -1, jnp.int32),
+        jnp.full(new_pos_BKC.shape, S, jnp.int32),
+    )
+    pos_BKS, score_BKS, rank_BKS, src_BKS, dest_BKC = lax.fori_loop(0, C, insert_one, carry)
+    # a slot taken twice in one call belongs to its last writer
+    owner_BKC = jnp.take_along_axis(src_BKS, jnp.minimum(dest_BKC, S - 1), axis=2)
+    dest_BKC = jnp.where(owner_BKC == jnp.arange(C, dtype=jnp.int32), dest_BKC, S)
+    return pos_BKS, score_BKS, rank_BKS, dest_BKC
+
+
+def scatter_rows(x_BKSD: jax.Array, dest_BKC: jax.Array, new_BKCD: jax.Array) -> jax.Array:
+    """x with new rows written at slots dest (S = skip): C rows written, the rest untouched."""
+    B, K = dest_BKC.shape[:2]
+    b_BKC = jnp.arange(B)[:, None, None]
+    h_BKC = jnp.arange(K)[None, :, None]
+    x_BKSD = jnp.asarray(x_BKSD)
+    return x_BKSD.at[b_BKC, h_BKC, dest_BKC].set(new_BKCD.astype(x_BKSD.dtype), mode="drop")
+
+
 def reference_evict_insert(
     k_BKSD: jax.Array,
     v_BKSD: jax.Array,
@@ -114,9 +175,8 @@ def reference_evict_insert(
 ) -> CacheArrays:
     """Greedy insert of C new tokens into a full-size cache, in plain jax.numpy.
 
-    A ``lax.fori_loop`` over the C tokens updates the small per-slot arrays and records,
-    per slot, which new token (if any) ended up there; the surviving new k/v rows are then
-    scattered into their slots (C rows written, the rest of the cache untouched).
+    `reference_evict_slots` picks each new token's slot on the small per-slot arrays, then
+    `scatter_rows` writes the surviving k/v rows (C rows written, the rest untouched).
 
     Args:
       k_BKSD, v_BKSD: cache keys / values [B, K, S, D], any float dtype.
@@ -143,44 +203,11 @@ def reference_evict_insert(
         new_score_BKC,
         new_rank_BKC,
     )
-    k_BKSD, v_BKSD = jnp.asarray(k_BKSD), jnp.asarray(v_BKSD)
-    new_pos_BKC = new_pos_BKC.astype(jnp.int32)
-    new_score_BKC = new_score_BKC.astype(jnp.float32)
-    new_rank_BKC = new_rank_BKC.astype(jnp.float32)
-    slot_S = jnp.arange(S, dtype=jnp.int32)
-
-    def insert_one(i, carry):
-        pos, score, rank, src = carry  # each [B, K, S]; src: new-token index per slot or -1
-        npos_BK = lax.dynamic_index_in_dim(new_pos_BKC, i, axis=2, keepdims=False)
-        nscore_BK = lax.dynamic_index_in_dim(new_score_BKC, i, axis=2, keepdims=False)
-        nrank_BK = lax.dynamic_index_in_dim(new_rank_BKC, i, axis=2, keepdims=False)
-        j_BK = jnp.argmin(rank, axis=2)  # first index on ties
-        rmin_BK = jnp.min(rank, axis=2)
-        take_BK = (npos_BK >= 0) & (nrank_BK > rmin_BK)
-        hit_BKS = take_BK[:, :, None] & (slot_S == j_BK[:, :, None])
-        pos = jnp.where(hit_BKS, npos_BK[:, :, None], pos)
-        score = jnp.where(hit_BKS, nscore_BK[:, :, None], score)
-        rank = jnp.where(hit_BKS, nrank_BK[:, :, None], rank)
-        src = jnp.where(hit_BKS, i, src)
-        return pos, score, rank, src
-
-    src0_BKS = jnp.full((B, K, S), -1, jnp.int32)
-    pos_BKS, score_BKS, rank_BKS, src_BKS = lax.fori_loop(
-        0, C, insert_one, (pos_BKS, score_BKS, rank_BKS, src0_BKS)
+    pos_BKS, score_BKS, rank_BKS, dest_BKC = reference_evict_slots(
+        pos_BKS, score_BKS, rank_BKS, new_pos_BKC, new_score_BKC, new_rank_BKC
     )
-    if C > 0:
-        # Scatter only the surviving new rows (a slot may be taken twice within one call:
-        # the last writer wins), so the cache is updated in place, not rewritten.
-        hit_BKCS = src_BKS[:, :, None, :] == jnp.arange(C, dtype=jnp.int32)[None, None, :, None]
-        dest_BKC = jnp.where(jnp.any(hit_BKCS, -1), jnp.argmax(hit_BKCS, -1), S)
-        b_BKC = jnp.arange(B)[:, None, None]
-        h_BKC = jnp.arange(K)[None, :, None]
-        k_BKSD = k_BKSD.at[b_BKC, h_BKC, dest_BKC].set(
-            new_k_BKCD.astype(k_BKSD.dtype), mode="drop"
-        )
-        v_BKSD = v_BKSD.at[b_BKC, h_BKC, dest_BKC].set(
-            new_v_BKCD.astype(v_BKSD.dtype), mode="drop"
-        )
+    k_BKSD = scatter_rows(k_BKSD, dest_BKC, new_k_BKCD)
+    v_BKSD = scatter_rows(v_BKSD, dest_BKC, new_v_BKCD)
     return k_BKSD, v_BKSD, pos_BKS, score_BKS, rank_BKS
 
 

@@ -18,8 +18,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import reference_decode_attention
-from pallas_kernels.evict import reference_evict_insert
+from pallas_kernels.decode_attention import decode_attention, reference_decode_attention
+from pallas_kernels.evict import reference_evict_slots
 
 from .config import ModelConfig
 from .policy import PolicyConfig
@@ -99,9 +99,10 @@ def attend(
     kh = k_BKCD.shape[1]
     g = h // kh
     scale = d**-0.5
-    out_c, lse_c = reference_decode_attention(
-        q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC, scale=scale
+    attend_cache = (
+        decode_attention if jax.default_backend() == "tpu" else reference_decode_attention
     )
+    out_c, lse_c = attend_cache(q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC, scale=scale)
     qg = q_BHCD.reshape(b, kh, g, c, d).astype(jnp.float32)
     logits = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
     ok = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])  # [B, Cq, Ck]
@@ -119,32 +120,56 @@ def attend(
     return w_c * out_c + w_n * out_n, lse
 
 
-def insert(
+def choose_slots(
     cache: LayerCache,
+    score_BKS: jax.Array,
     rank_BKS: jax.Array,
-    k_BKCD: jax.Array,
-    v_BKCD: jax.Array,
     pos_BC: jax.Array,
-    score_BKC: jax.Array,
+    new_score_BKC: jax.Array,
     new_rank_BKC: jax.Array,
-) -> LayerCache:
-    """Write a chunk's keys into the cache, each replacing the lowest-ranked slot when it
-    ranks higher (empty slots rank -inf). Padding tokens (pos -1) are skipped."""
-    kh = k_BKCD.shape[1]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where a chunk's tokens go: each new token replaces the lowest-ranked slot when it
+    ranks higher (empty slots rank -inf); padding tokens (pos -1) are skipped.
+
+    `score_BKS` is the layer's (possibly refreshed) slot scores. Returns the layer's new
+    pos_BKS and score_BKS and dest_BKC, the slot of each new token (S: not kept). The k/v rows
+    are written afterwards by `write_rows`, for all layers of a group at once.
+    """
+    kh = new_score_BKC.shape[1]
     pos_BKC = jnp.broadcast_to(pos_BC[:, None, :], (pos_BC.shape[0], kh, pos_BC.shape[1]))
-    k, v, pos, score, _ = reference_evict_insert(
-        cache.k,
-        cache.v,
-        cache.pos,
-        cache.score,
-        rank_BKS,
-        k_BKCD,
-        v_BKCD,
-        pos_BKC,
-        score_BKC,
-        new_rank_BKC,
+    pos, score, _, dest_BKC = reference_evict_slots(
+        cache.pos, score_BKS, rank_BKS, pos_BKC, new_score_BKC, new_rank_BKC
     )
-    return LayerCache(k=k, v=v, pos=pos, score=score)
+    return pos, score, dest_BKC
+
+
+def write_rows(
+    group: LayerCache,
+    pos_LBKS: jax.Array,
+    score_LBKS: jax.Array,
+    dest_LBKC: jax.Array,
+    k_LBKCD: jax.Array,
+    v_LBKCD: jax.Array,
+) -> LayerCache:
+    """A stacked group with new k/v rows scattered to their slots (dest S = dropped).
+
+    Only L*B*K*C rows are written; the rest of the buffers is untouched, so under jit with
+    the cache donated (or carried by a loop) the update happens in place.
+    """
+    n, b, kh, _ = dest_LBKC.shape
+    idx = (
+        jnp.arange(n)[:, None, None, None],
+        jnp.arange(b)[None, :, None, None],
+        jnp.arange(kh)[None, None, :, None],
+        dest_LBKC,
+    )
+
+    def write(buf, new):
+        return buf.at[idx].set(new.astype(buf.dtype), mode="drop")
+
+    return LayerCache(
+        k=write(group.k, k_LBKCD), v=write(group.v, v_LBKCD), pos=pos_LBKS, score=score_LBKS
+    )
 
 
 def attention_mass(

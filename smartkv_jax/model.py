@@ -15,7 +15,6 @@ params = {
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -96,8 +95,11 @@ def _layer(
     policy: pol.LayerPolicy,
     inv_freq: jax.Array,
     probe: Probe | None,
-) -> tuple[jax.Array, LayerCache, Any]:
-    """One decoder layer over a chunk, reading and updating its cache under `policy`.
+) -> tuple[jax.Array, tuple, Any]:
+    """One decoder layer over a chunk, reading its cache `lc` under `policy`.
+
+    Returns the new hidden states, the cache update (pos_BKS, score_BKS, dest_BKC, k_BKCD,
+    v_BKCD: new keys go to slots dest; see cache.write_rows) and the probe's output.
 
     extra: this layer's slice of {"gates": gate params [K, ...]} (gated) or
     {"oracle": true log4 lifespans [B, K, C]} (oracle).
@@ -129,9 +131,8 @@ def _layer(
     rank = pol.ranks(policy, lc.pos, score, t_B)
     new_pos = jnp.broadcast_to(pos_BC[:, None, :], new_score.shape)
     new_rank = pol.ranks(policy, new_pos, new_score, t_B)
-    lc = dataclasses.replace(lc, score=score)
-    lc = kvcache.insert(lc, rank, k, v, pos_BC, new_score, new_rank)
-    return x, lc, None if probe is None else probe(q, k, k_pre)
+    pos, score, dest = kvcache.choose_slots(lc, score, rank, pos_BC, new_score, new_rank)
+    return x, (pos, score, dest, k, v), None if probe is None else probe(q, k, k_pre)
 
 
 def _observed_queries(policy: pol.LayerPolicy, pos_BC: jax.Array, t_B: jax.Array) -> jax.Array:
@@ -190,10 +191,13 @@ def forward(
 
         def body(x, layer, p=p):
             lp, lc_one, ex = layer
-            x, lc_one, probed = _layer(lp, lc_one, x, pos_BC, ex, cfg, p, inv_freq, probe)
-            return x, (lc_one, probed)
+            x, update, probed = _layer(lp, lc_one, x, pos_BC, ex, cfg, p, inv_freq, probe)
+            return x, (update, probed)
 
-        x, (lc, probed) = jax.lax.scan(body, x, (lps, lc, extra))
+        # The scan only reads the cache; the new rows are scattered afterwards, in place,
+        # so no layer's slice of the cache is ever copied.
+        x, (update, probed) = jax.lax.scan(body, x, (lps, lc, extra))
+        lc = kvcache.write_rows(lc, *update)
         new_groups.append(lc)
         probes.append(probed)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
