@@ -164,5 +164,6 @@ def process_row_range(mesh: Mesh, global_rows: int) -> tuple[int, int]:
 
 
 def make_global(local: np.ndarray, sharding: NamedSharding, global_shape: Sequence[int]):
-    """Global jax.Array from this process's contiguous part (`jax.make_array_from_process_local_data`)."""
+    """Global jax.Array from this process's contiguous part of it
+    (`jax.make_array_from_process_local_data`)."""
     return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))

