@@ -237,10 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--json", action="store_true", help="print the table as JSON")
     cal.set_defaults(func=cmd_calibrate)
 
+    from eval.analyze import add_cli as add_analyze_cli
     from eval.report import add_eval_cli
     from train.train_gates import add_cli as add_train_cli
 
     add_train_cli(sub)
+    add_analyze_cli(sub)
     add_eval_cli(sub)
     return parser
 
