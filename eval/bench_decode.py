@@ -5,9 +5,9 @@ PyTorch generate (full cache), same model, same CPU.
                                 [--policies full hybrid] [--budget 0.25] [--gates CKPT]
 
 Prompts are real text (the shared books), one offset per batch row. Decode rate is
-batch x (new_tokens - 1) new tokens over decode time: ours times its decode loop directly;
-for PyTorch, decode time = time(generate N tokens) - time(generate 1 token). Both run after
-a warm-up with the same shapes, so compilation is excluded. KV bytes are the keys and values
+batch x (new_tokens - 1) new tokens over decode time: ours times its decode loop (compiled
+beforehand); for PyTorch, the time from the first to the last sampled token, stamped by a
+logits processor. Prefill is excluded from both. KV bytes are the keys and values
 our cache allocates (PyTorch's full cache holds the same number as our full policy).
 """
 
@@ -42,29 +42,37 @@ def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[lis
 
 def time_ours(m, prompts, new_tokens: int, policy, gates) -> tuple[float, int]:
     """(decode tokens/s, KV bytes) of our generate under `policy`."""
-    kw = dict(stop_tokens=(), policy=policy, gates=gates)
-    generate(m.params, m.cfg, prompts, 2, **kw)
-    res = generate(m.params, m.cfg, prompts, new_tokens, **kw)
+    res = generate(m.params, m.cfg, prompts, new_tokens, stop_tokens=(), policy=policy, gates=gates)
     return res.decode_tokens_per_s, res.cache.kv_bytes()
 
 
 def time_torch(hf, prompts, new_tokens: int) -> float:
+    """Decode tokens/s of transformers' generate: a logits processor stamps the time of every
+    step, so decode time runs from the first sampled token to the last (one prefill)."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
 
     ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-
-    def run(n: int) -> float:
-        t = time.perf_counter()
-        with torch.no_grad():
-            hf.generate(
-                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
-            )
-        return time.perf_counter() - t
-
-    run(2)
-    decode_s = run(new_tokens) - run(1)
-    return len(prompts) * (new_tokens - 1) / decode_s
+    stamp = Stamp()
+    with torch.no_grad():
+        hf.generate(ids[:, :8], max_new_tokens=2, do_sample=False)  # first-call warm-up
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([stamp]),
+        )
+    return len(prompts) * (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0])
 
 
 def _torch_model(name: str):

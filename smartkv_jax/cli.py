@@ -42,8 +42,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         gates, _ = load_gates(args.gates)
     kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk, policy=policy, gates=gates)
-    # warm-up with the same shapes (the loop length is dynamic) so timings exclude compiling
-    generate(m.params, m.cfg, ids, 2, **kwargs)
     res = generate(m.params, m.cfg, ids, args.max_new_tokens, **kwargs)
     texts = [m.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
     report = {
