@@ -89,19 +89,25 @@ class TrainConfig:
         the end). keep_checkpoints: how many recent checkpoints orbax keeps (0: all).
     eval_max_rows: evaluate on at most this many held-out keys during training, evenly
         spaced (0: all); the final evaluation always uses all of them.
+
+    Defaults were tuned on SmolLM2-135M labels (4 books x 2 windows of 2048 tokens, 8192
+    uncensored keys; held out: pg11, pg16), where the gates overfit: strong decoupled weight
+    decay (2.0) and ~100 epochs (800 steps of 1024) gave median R² 0.564 at tau 0.05 against
+    0.53 for wd 0.01 / 1000 steps; hidden 64 and more steps only pay with more data (24
+    windows: 0.58 with hidden 64, wd 0.5, 2500 steps).
     """
 
     tau: float = 0.05
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
-    steps: int = 3000
+    lr: float = 5e-3
+    weight_decay: float = 2.0
+    steps: int = 800
     batch_size: int = 1024
-    warmup: int = 100
+    warmup: int = 50
     final_lr_frac: float = 0.02
     loss: str = "mse"
     huber_delta: float = 1.0
-    eval_every: int = 500
-    ckpt_every: int = 1000
+    eval_every: int = 200
+    ckpt_every: int = 200
     keep_checkpoints: int = 3
     seed: int = 0
     exclude_sinks: int = 0
@@ -1081,6 +1087,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     a("--huber-delta", type=float, default=dflt.huber_delta, help="huber delta in label stds")
     a("--hidden", type=int, default=32, help="hidden width of each gate (0: linear gate)")
     a("--activation", default="gelu", help="hidden activation: gelu, relu, tanh or silu")
+    a(
+        "--pair-norms",
+        choices=["none", "half", "interleaved"],
+        default="none",
+        help="also feed the log length of every RoPE coordinate pair (half: rotate-half pairs)",
+    )
     a("--no-key-norm", action="store_true", help="do not feed log ||key|| to the gates")
     a("--no-position", action="store_true", help="do not feed the position to the gates")
     a("--pos-clip", type=int, default=1024, help="positions beyond this read as this")
@@ -1161,6 +1173,7 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
         head_dim=d,
         hidden=args.hidden,
         key_norm=not args.no_key_norm,
+        pair_norms=args.pair_norms,
         position=not args.no_position,
         pos_clip=args.pos_clip,
         activation=args.activation,
