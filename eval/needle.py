@@ -515,17 +515,26 @@ def evaluate_needle(
     )
 
 
-def needle_oracle(params, cfg: ModelConfig, tau: float = 0.05) -> Callable[[NeedlePrompt], Any]:
+def needle_oracle(
+    params, cfg: ModelConfig, tau: float = 0.05, tokenizer: Any = None
+) -> Callable[[NeedlePrompt], Any]:
     """oracle_fn for `evaluate_needle`: true log4 lifespans [L, K, P + Q] of a prompt's
-    haystack and question keys (from a full-cache pass over them, eval.perplexity)."""
+    haystack and question keys, from a full-cache pass (eval.perplexity.oracle_scores).
+
+    With `tokenizer`, the pass also reads the gold answer (" 4821937.") after the question:
+    the needle's digits are attended while the answer is written, not while the question is
+    read, so only then do their true lifespans reach the end of the prompt.
+    """
     from .perplexity import oracle_scores
 
     memo: dict[tuple[int, ...], np.ndarray] = {}
 
     def fn(x: NeedlePrompt) -> np.ndarray:
         key = x.ids + x.question
+        if tokenizer is not None:
+            key += tuple(_encode(tokenizer, f" {x.number}."))
         if key not in memo:
             memo[key] = oracle_scores(params, cfg, key, tau)
-        return memo[key]
+        return memo[key][..., : len(x.ids) + len(x.question)]
 
     return fn

@@ -512,7 +512,9 @@ def run_entry(
         max_new_tokens=s.max_new_tokens,
         gates=gates,
         probe_gates=gates if e.policy == "full" else None,  # needle scores: full cache
-        oracle_fn=ndl.needle_oracle(params, cfg, settings.tau) if top.needs_oracle else None,
+        oracle_fn=(
+            ndl.needle_oracle(params, cfg, settings.tau, tokenizer) if top.needs_oracle else None
+        ),
         progress=progress,
         name=e.policy,
     )
@@ -659,7 +661,7 @@ def _header(config: dict[str, Any], n_boot: int) -> list[str]:
     lines.append(f"- gates: {json.dumps(g, sort_keys=True) if g else 'none'}")
     lines.append(
         f"- oracle: true lifespans at tau {config.get('oracle_tau')} from a full-cache "
-        "pass over the same tokens, scores log4(1 + L)"
+        "pass over the same tokens (needle: prompt + gold answer), scores log4(1 + L)"
     )
     p = config.get("ppl")
     if p:
@@ -995,7 +997,8 @@ def _add_ppl(p: argparse.ArgumentParser) -> None:
         "--text",
         default="auto",
         help='"auto" (PG-19 test split if the hub is reachable, else the local books), "pg19", '
-        "or a directory of .txt files / one file",
+        '"local" (../shared/data/gutenberg or $SMARTKV_TEXT_DIR), or a directory of .txt '
+        "files / one file",
     )
     p.add_argument("--books", type=int, default=ppl_mod.DEFAULT_BOOKS, help="books (batch rows)")
     p.add_argument("--tokens", type=int, default=ppl_mod.DEFAULT_TOKENS, help="tokens per book")
