@@ -62,8 +62,8 @@ DEFAULT_POLICIES = (
     "oracle",
 )
 DEFAULT_MEMORY = (0.0625, 0.125, 0.25, 0.5)
-HYBRIDS = ("hybrid", CALIBRATED, "hybrid:nomask", CALIBRATED + ":nomask")
-NOMASK = ":nomask"
+HYBRIDS = ("hybrid", CALIBRATED, "hybrid:mask", CALIBRATED + ":mask")
+MASK = ":mask"
 RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
@@ -166,10 +166,10 @@ def policy_for(
 ) -> PolicyConfig:
     """The policy of a sweep entry at `context` tokens, named as in the sweep.
 
-    A NOMASK suffix (e.g. "oracle:nomask", "hybrid:nomask") turns off the hiding of expired
-    slots in gated and oracle layers: they then only rank by remaining life under the budget.
+    A MASK suffix (e.g. "oracle:mask", "hybrid:mask") turns on the hiding of expired slots
+    in gated and oracle layers (by default they only rank by remaining life under the budget).
     Raises ValueError when the budget is too small for the policy (e.g. the hybrid rule)."""
-    base = name.removesuffix(NOMASK)
+    base = name.removesuffix(MASK)
     if base == CALIBRATED:
         if calibrated is None:
             raise ValueError("hybrid-calibrated needs a policy table (--calibrated PATH)")
@@ -178,14 +178,14 @@ def policy_for(
     else:
         mf = 1.0 if memory_fraction is None else memory_fraction
         pol = make_policy(base, num_layers, context, mf)
-    if name.endswith(NOMASK):
-        layers = tuple(dataclasses.replace(p, mask_expired=False) for p in pol.layers)
+    if name.endswith(MASK):
+        layers = tuple(dataclasses.replace(p, mask_expired=True) for p in pol.layers)
         pol = dataclasses.replace(pol, layers=layers)
     return dataclasses.replace(pol, name=name)
 
 
 def _is_oracle(name: str) -> bool:
-    return name.removesuffix(NOMASK) == "oracle"
+    return name.removesuffix(MASK) == "oracle"
 
 
 # ----------------------------------------------------------------------------- storage
@@ -566,7 +566,7 @@ def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _policy_order(name: str) -> tuple[int, str]:
-    base = name.removesuffix(NOMASK)
+    base = name.removesuffix(MASK)
     n = len(DEFAULT_POLICIES)
     return (DEFAULT_POLICIES.index(base) if base in DEFAULT_POLICIES else n, name)
 
@@ -755,7 +755,7 @@ def _ppl_table(ppl_rows) -> list[str]:
         out.append("")
     out += [
         "perplexity (memory measured) / gap closed vs window -> oracle (the better of oracle "
-        "and oracle:nomask when both ran)",
+        "and oracle:mask when both ran)",
         "",
         "| policy | " + " | ".join(_pct(b) for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
@@ -965,8 +965,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(DEFAULT_POLICIES),
         help="policies to sweep: full window recent h2o tova snapkv knorm random gated-only "
-        "hybrid hybrid-calibrated oracle, or .json policy tables; a ':nomask' suffix "
-        "(oracle:nomask, hybrid:nomask) keeps expired slots visible to attention",
+        "hybrid hybrid-calibrated oracle, or .json policy tables; a ':mask' suffix "
+        "(oracle:mask, hybrid:mask) hides expired slots from attention",
     )
     p.add_argument(
         "--memory",

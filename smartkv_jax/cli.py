@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError, ConnectionError) as err:
         print(f"smartkv {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -52,7 +52,8 @@ class LayerPolicy:
     n_sink:   first positions never evicted (window, gated, oracle, h2o, knorm, random).
     recent:   most recent tokens never evicted (all but full/tova).
     margin:   gated/oracle: a key expires at pos + margin * 4**score.
-    mask_expired: gated/oracle: hide expired slots from attention.
+    mask_expired: gated/oracle: hide expired slots from attention before they are evicted
+        (off by default: on SmolLM2 it made even the oracle worse than a plain window).
     obs_window, pool: snapkv: queries observed per chunk and max-pool width.
     """
 
@@ -61,7 +62,7 @@ class LayerPolicy:
     n_sink: int = 4
     recent: int = 32
     margin: float = 1.0
-    mask_expired: bool = True
+    mask_expired: bool = False
     obs_window: int = 32
     pool: int = 7
 

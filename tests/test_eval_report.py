@@ -195,11 +195,11 @@ def test_sweep_entries_and_gap_closed():
     assert R.gap_closed(10.0, 11.0, 12.0) is None  # oracle worse than window: no gap
     with pytest.raises(ValueError, match="too small"):
         R.policy_for("hybrid", 30, 1024, 0.01)
-    nomask = R.policy_for("oracle:nomask", 30, 1024, 0.25)
-    assert nomask.name == "oracle:nomask" and nomask.layers[0].capacity == 256
-    assert not any(p.mask_expired for p in nomask.layers)
-    assert all(p.mask_expired for p in R.policy_for("oracle", 30, 1024, 0.25).layers)
+    masked = R.policy_for("oracle:mask", 30, 1024, 0.25)
+    assert masked.name == "oracle:mask" and masked.layers[0].capacity == 256
+    assert all(p.mask_expired for p in masked.layers)
+    assert not any(p.mask_expired for p in R.policy_for("oracle", 30, 1024, 0.25).layers)
     by = {("oracle", 0.5): {"policy": "oracle", "ppl": 12.0},
-          ("oracle:nomask", 0.5): {"policy": "oracle:nomask", "ppl": 11.0}}  # fmt: skip
-    assert R._best_oracle(by, 0.5)["policy"] == "oracle:nomask"
+          ("oracle:mask", 0.5): {"policy": "oracle:mask", "ppl": 11.0}}  # fmt: skip
+    assert R._best_oracle(by, 0.5)["policy"] == "oracle:mask"
     assert R._best_oracle(by, 0.25) is None

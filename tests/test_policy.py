@@ -113,7 +113,9 @@ def test_capacity_at_least_sequence_equals_full(kind):
 def test_expired_keys_are_hidden_from_attention():
     params = _params(CFG1)
     tokens = np.random.default_rng(2).integers(0, 53, 20)
-    policy = PolicyConfig.uniform(1, LayerPolicy("oracle", capacity=20, recent=3, n_sink=1))
+    policy = PolicyConfig.uniform(
+        1, LayerPolicy("oracle", capacity=20, recent=3, n_sink=1, mask_expired=True)
+    )
     oracle = np.zeros((1, 2, 20), np.float32)  # life 1 token for every key
     got, _ = stream(params, CFG1, policy, tokens, 1, oracle=oracle)
     # key j stays visible to query i while j >= i - 2 (recent 3), j == 0 (sink) or i <= j + 1
