@@ -126,8 +126,7 @@ def _layer(
         mass_c, given = kvcache.attention_mass(lc, visible, q, k, pos_BC, lse, weight)
         if policy.kind == "snapkv":  # pool along the chunk's (contiguous) positions
             given = _max_pool(given, policy.pool)
-        active_B = jnp.any(pos_BC >= 0, axis=1)[:, None, None]  # rows with real tokens
-        score = jnp.where(active_B, pol.update_scores(policy, lc.score, mass_c), lc.score)
+        score = pol.update_scores(policy, lc.score, mass_c)
     new_score = pol.new_scores(policy, pos_BC, k_pre, given)
     rank = pol.ranks(policy, lc.pos, score, t_B)
     new_pos = jnp.broadcast_to(pos_BC[:, None, :], new_score.shape)

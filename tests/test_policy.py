@@ -232,3 +232,18 @@ def test_generate_with_eviction_policy_runs_in_budget():
     )
     assert [len(t) for t in res.tokens] == [10, 10]
     assert res.cache.layer_capacities() == [12, 12, 12]
+
+
+@pytest.mark.parametrize("kind", ["tova", "h2o"])
+def test_attention_policies_batch_like_single_rows(kind):
+    """Rows are independent: a short prompt's row, padded while a long one is prefilled,
+    decodes as it does alone."""
+    params = _params(CFG3)
+    policy = PolicyConfig.uniform(3, LayerPolicy(kind, capacity=10, recent=3))
+    prompts = [[7, 3, 9, 1, 4], list(range(1, 40))]
+    batch = generate(params, CFG3, prompts, 6, policy=policy, chunk=8, stop_tokens=()).tokens
+    alone = [
+        generate(params, CFG3, [p], 6, policy=policy, chunk=8, stop_tokens=()).tokens[0]
+        for p in prompts
+    ]
+    assert batch == alone
