@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +87,35 @@ def _torch_model(name: str):
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
+def hf_tokenizer(name: str):
+    from smartkv_jax.convert import load_model as _load
+
+    return _load(name).tokenizer
+
+
+def torch_in_subprocess(args, ctx: int, batch: int) -> float:
+    """PyTorch runs in a fresh process: its OpenMP threads spin after each op and would
+    otherwise steal the cores from our measurements (and ours from its)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.bench_decode",
+        "--model",
+        args.model,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--torch-child",
+        str(ctx),
+        str(batch),
+    ]
+    if args.text:
+        cmd += ["--text", args.text]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"PyTorch benchmark failed: {out.stderr[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["torch_tok_s"]
+
+
 def _gates(m, ckpt: str | None):
     """Trained gates from `ckpt`, or random ones (which cost the same) for a speed-only run."""
     from smartkv_jax import gates as gate_mod
@@ -116,17 +147,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text", default=None, help="directory of .txt files (default: shared books)")
     ap.add_argument("--no-torch", action="store_true", help="time only our implementation")
     ap.add_argument("--out", default="results/bench_decode")
+    ap.add_argument("--torch-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.torch_child:  # one PyTorch measurement in its own process
+        ctx, batch = args.torch_child
+        hf = _torch_model(args.model)
+        prompts = book_prompts(hf_tokenizer(args.model), batch, ctx, args.text)
+        print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
+        return
     m = load_model(args.model)
-    hf = None if args.no_torch else _torch_model(args.model)
     gates, gates_src = _gates(m, args.gates)
     rows = []
     cases = [(c, b) for c in args.contexts for b in args.batches]
     for ctx, batch in tqdm(cases, desc="decode benchmark"):
         prompts = book_prompts(m.tokenizer, batch, ctx, args.text)
         row = {"context": ctx, "batch": batch}
-        row["torch_tok_s"] = time_torch(hf, prompts, args.new_tokens) if hf else float("nan")
+        row["torch_tok_s"] = (
+            float("nan") if args.no_torch else torch_in_subprocess(args, ctx, batch)
+        )
         for name in args.policies:
             policy = make_policy(name, m.cfg.num_layers, ctx + args.new_tokens, args.budget)
             tok_s, kv = time_ours(m, prompts, args.new_tokens, policy, gates)

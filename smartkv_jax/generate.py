@@ -107,6 +107,7 @@ def _decode_loop(
 ):
     """Feed back sampled tokens until n_steps are done or every row has stopped."""
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    params = {**params, "layers": model.split_layers(params["layers"], cache.bounds)}
 
     def cond(carry):
         i, _, _, _, _, done, _ = carry

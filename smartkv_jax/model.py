@@ -181,8 +181,10 @@ def forward(
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x = params["embed"][tokens_BC]
     new_groups, probes = [], []
-    for (start, end), lc, (_, _, p) in zip(cache.bounds, cache.groups, policy.groups()):
-        lps = jax.tree_util.tree_map(lambda a, s=start, e=end: a[s:e], params["layers"])
+    grouped = split_layers(params["layers"], cache.bounds)
+    for (start, end), lc, (_, _, p), lps in zip(
+        cache.bounds, cache.groups, policy.groups(), grouped
+    ):
         extra = {}
         if p.kind == "gated":
             extra["gates"] = jax.tree_util.tree_map(lambda a, s=start, e=end: a[s:e], gates)
@@ -206,6 +208,21 @@ def forward(
         return x, new_cache
     stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0), *probes)
     return x, new_cache, stacked
+
+
+def split_layers(layers: Any, bounds: tuple[tuple[int, int], ...]) -> tuple:
+    """Stacked layer params (leaves [L, ...]) as one stacked pytree per cache group.
+
+    Already-split params (a tuple) pass through: a decode loop splits once, outside the loop,
+    because slicing inside it would copy every weight on every step.
+    """
+    if isinstance(layers, tuple):
+        if len(layers) != len(bounds):
+            raise ValueError(f"params are split into {len(layers)} groups, cache has {len(bounds)}")
+        return layers
+    if len(bounds) == 1:
+        return (layers,)
+    return tuple(jax.tree_util.tree_map(lambda a, s=s, e=e: a[s:e], layers) for s, e in bounds)
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
