@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from smartkv_jax.convert import DEFAULT_MODEL, load_model, smollm2_path
+from smartkv_jax.convert import DEFAULT_MODEL, load_model, load_tokenizer, smollm2_path
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.generate import generate
 from smartkv_jax.policy import make_policy
@@ -87,12 +87,6 @@ def _torch_model(name: str):
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
-def hf_tokenizer(name: str):
-    from smartkv_jax.convert import load_model as _load
-
-    return _load(name).tokenizer
-
-
 def torch_in_subprocess(args, ctx: int, batch: int) -> float:
     """PyTorch runs in a fresh process: its OpenMP threads spin after each op and would
     otherwise steal the cores from our measurements (and ours from its)."""
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.torch_child:  # one PyTorch measurement in its own process
         ctx, batch = args.torch_child
         hf = _torch_model(args.model)
-        prompts = book_prompts(hf_tokenizer(args.model), batch, ctx, args.text)
+        prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
         print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
         return
     m = load_model(args.model)

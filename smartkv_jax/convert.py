@@ -252,6 +252,16 @@ def load_hf_dir(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Load
     return LoadedModel(cfg, params, tokenizer, str(path))
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Only the tokenizer of a model named as in `load_model` (local sources)."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_path() if name == DEFAULT_MODEL else Path(name)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """Load by name: "smollm2", a .gguf path, a local HF directory, or a hub id."""
     if name == DEFAULT_MODEL:

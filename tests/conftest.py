@@ -9,6 +9,7 @@ import pytest
 
 from smartkv_jax import model
 from smartkv_jax.cache import init_cache
+from smartkv_jax.config import ModelConfig
 from smartkv_jax.policy import PolicyConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -25,6 +26,22 @@ def full_logits(params, cfg, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
         params, cfg, policy, jnp.asarray(tokens_BT), jnp.asarray(pos, jnp.int32), cache
     )
     return np.asarray(model.logits(params, cfg, hidden))
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A tiny random-weights ModelConfig for tests that need no checkpoint."""
+    base = dict(
+        model_type="llama",
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position=128,
+    )
+    return ModelConfig(**{**base, **overrides})
 
 
 def tiny_hf_config(kind: str = "llama", **overrides):

@@ -9,7 +9,6 @@ import pytest
 
 from smartkv_jax import model
 from smartkv_jax.cache import init_cache
-from smartkv_jax.config import ModelConfig
 from smartkv_jax.generate import (
     SamplingConfig,
     forward_chunk,
@@ -19,20 +18,9 @@ from smartkv_jax.generate import (
 )
 from smartkv_jax.policy import PolicyConfig
 
-from .conftest import full_logits
+from .conftest import full_logits, tiny_config
 
-CFG = ModelConfig(
-    model_type="llama",
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position=128,
-    eos_token_ids=(3,),
-)
+CFG = tiny_config(vocab_size=61, eos_token_ids=(3,))
 
 
 @pytest.fixture(scope="module")

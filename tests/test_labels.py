@@ -8,6 +8,8 @@ import pytest
 
 from train.labels import all_layer_lifespans, censored
 
+from .conftest import tiny_config
+
 
 def qk_for_attention(a_GTT: np.ndarray):
     """Queries and one-hot keys whose causal softmax attention is exactly a_GTT (rows of
@@ -96,21 +98,10 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     import jax
 
     from smartkv_jax import model
-    from smartkv_jax.config import ModelConfig
     from train.labels import extract_labels
     from train.train_gates import open_store
 
-    cfg = ModelConfig(
-        model_type="llama",
-        vocab_size=53,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position=128,
-    )
+    cfg = tiny_config()
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("the quick brown fox jumps " * 20)

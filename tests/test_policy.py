@@ -12,23 +12,12 @@ import pytest
 from smartkv_jax import gates as gate_mod
 from smartkv_jax import model
 from smartkv_jax.cache import init_cache
-from smartkv_jax.config import ModelConfig
 from smartkv_jax.generate import forward_chunk, generate
 from smartkv_jax.policy import POLICY_KINDS, LayerPolicy, PolicyConfig
 
-from .conftest import full_logits
+from .conftest import full_logits, tiny_config
 
-CFG1 = ModelConfig(
-    model_type="llama",
-    vocab_size=53,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position=256,
-)
+CFG1 = tiny_config(num_layers=1, max_position=256)
 CFG3 = dataclasses.replace(CFG1, num_layers=3)
 
 
