@@ -17,8 +17,8 @@ $(VENV_STAMP): pyproject.toml
 
 # The main job on the embedded default (SmolLM2-135M, the shared books): label keys, train
 # gates (tau 0.05 and 0.11), analyse them, then perplexity and needle retrieval of the full
-# cache, StreamingLLM's window and the hybrid policy at 25% memory; tables print, plots and
-# reports go to $(DEMO). Training books: pg1342 pg1661 pg236 pg5200; held out: pg11 pg16.
+# cache, StreamingLLM's window and the hybrid policies (seed rule, calibrated) at 25%
+# memory; tables print, plots and reports go to $(DEMO). Training books: pg1342 pg1661 pg236 pg5200; held out: pg11 pg16.
 SMARTKV := .venv/bin/smartkv
 DEMO := results/demo
 BOOKS := $(abspath ../shared/data/gutenberg)
@@ -34,9 +34,12 @@ demo: $(VENV_STAMP)
 		--gates $(DEMO)/gates_tau0.05 $(DEMO)/gates_tau0.11
 	mkdir -p $(DEMO)/heldout && ln -sf $(BOOKS)/pg11.txt $(BOOKS)/pg16.txt $(DEMO)/heldout/
 	$(SMARTKV) eval report --out $(DEMO)/eval --gates $(DEMO)/gates_tau0.05 \
-		--policies full window hybrid --memory 0.25 --text $(DEMO)/heldout --books 2 \
-		--tokens 1024 --chunk 16 --contexts 1024 2048 --depths 0 50 100
-	$(SMARTKV) generate --policy hybrid --budget 0.25 --gates $(DEMO)/gates_tau0.05 \
+		--policies full window hybrid hybrid-calibrated --calibrated $(DEMO)/labels_train \
+		--memory 0.25 --text $(DEMO)/heldout --books 2 --tokens 1024 --chunk 16 \
+		--contexts 1024 2048 --depths 0 50 100
+	$(SMARTKV) calibrate --labels $(DEMO)/labels_train --context 1024 --budget 0.25 \
+		--out $(DEMO)/hybrid-calibrated.json
+	$(SMARTKV) generate --policy $(DEMO)/hybrid-calibrated.json --gates $(DEMO)/gates_tau0.05 \
 		--max-new-tokens 64 --greedy --chat --prompt "Name three uses of a KV cache."
 
 test: $(VENV_STAMP)

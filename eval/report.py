@@ -106,9 +106,10 @@ class NeedleSettings:
 class SweepSettings:
     """Which (task, policy, memory fraction) entries to run and how.
 
-    calibrated: JSON policy table for "hybrid-calibrated"; "{mf}" in the path is replaced by
-    each memory fraction (e.g. calib_{mf}.json -> calib_0.125.json), else the one table is
-    evaluated once at its own memory. tau: the oracle's attention threshold.
+    calibrated: for "hybrid-calibrated", a label store (a table derived per context and budget
+        by `train.calibrate.calibrate`) or a JSON policy table; "{mf}" in a table path is
+        replaced by each memory fraction (e.g. calib_{mf}.json -> calib_0.125.json), else the
+        one table is evaluated once at its own memory. tau: the oracle's attention threshold.
     """
 
     policies: tuple[str, ...] = DEFAULT_POLICIES
@@ -148,13 +149,18 @@ def sweep_entries(settings: SweepSettings) -> list[Entry]:
             elif name == CALIBRATED:
                 if settings.calibrated is None:
                     continue
-                if "{mf}" in settings.calibrated:
+                if "{mf}" in settings.calibrated or is_label_store(settings.calibrated):
                     out += [Entry(task, name, mf) for mf in settings.memory]
                 else:
                     out.append(Entry(task, name, None))
             else:
                 out += [Entry(task, name, mf) for mf in settings.memory]
     return out
+
+
+def is_label_store(path: str) -> bool:
+    """True when `path` is a label store (`smartkv labels` output) rather than a table."""
+    return (Path(path) / "metadata.json").is_file()
 
 
 def policy_for(
@@ -172,9 +178,18 @@ def policy_for(
     base = name.removesuffix(MASK)
     if base == CALIBRATED:
         if calibrated is None:
-            raise ValueError("hybrid-calibrated needs a policy table (--calibrated PATH)")
-        path = calibrated.replace("{mf}", f"{memory_fraction:g}") if memory_fraction else calibrated
-        pol = PolicyConfig.from_file(path, num_layers)
+            raise ValueError(
+                "hybrid-calibrated needs a label store or a policy table (--calibrated PATH)"
+            )
+        if is_label_store(calibrated):
+            from train.calibrate import calibrate
+
+            pol = calibrate(calibrated, context, memory_fraction)
+        else:
+            path = calibrated
+            if memory_fraction:
+                path = path.replace("{mf}", f"{memory_fraction:g}")
+            pol = PolicyConfig.from_file(path, num_layers)
     else:
         mf = 1.0 if memory_fraction is None else memory_fraction
         pol = make_policy(base, num_layers, context, mf)
@@ -978,7 +993,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibrated",
         default=None,
-        help="policy table for hybrid-calibrated; {mf} in the path is replaced by the budget",
+        help="for hybrid-calibrated: a label store (the table is derived for every context and "
+        "budget, as `smartkv calibrate` does) or a JSON policy table; {mf} in a table's path is "
+        "replaced by the budget",
     )
     p.add_argument("--gates", default=None, help="gate checkpoint directory (smartkv train-gates)")
     p.add_argument(

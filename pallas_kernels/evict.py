@@ -152,6 +152,52 @@ def reference_evict_slots(
     return pos_BKS, score_BKS, rank_BKS, dest_BKC
 
 
+def sorted_evict_slots(
+    pos_BKS: jax.Array,
+    score_BKS: jax.Array,
+    rank_BKS: jax.Array,
+    new_pos_BKC: jax.Array,
+    new_score_BKC: jax.Array,
+    new_rank_BKC: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`reference_evict_slots` for a whole chunk at once: one stable sort of the S + C ranks
+    instead of C sequential argmins (O((S + C) log(S + C)) rather than O(C * S) per row).
+
+    Keeps the same set as the greedy rule: the top S of the S + C candidates, with the
+    greedy rule's tie order (old slots before new tokens, the lowest old slot evicted first,
+    earlier new tokens before later ones) and padding tokens (pos < 0) never. Surviving new
+    tokens fill the evicted slots in ascending slot order, so the slot a token lands in may
+    differ from the greedy rule's; attention does not depend on slot order. Same returns as
+    `reference_evict_slots`.
+    """
+    S = pos_BKS.shape[-1]
+    pos_BKS = jnp.asarray(pos_BKS).astype(jnp.int32)
+    new_pos_BKC = jnp.asarray(new_pos_BKC).astype(jnp.int32)
+    new_rank_BKC = jnp.where(new_pos_BKC >= 0, new_rank_BKC.astype(jnp.float32), -jnp.inf)
+    rank_BKS = rank_BKS.astype(jnp.float32)
+    # old slots reversed: on equal rank the greedy rule evicts the lowest slot index first
+    rank_all = jnp.concatenate([rank_BKS[..., ::-1], new_rank_BKC], axis=-1)
+    order = jnp.argsort(-rank_all, axis=-1, stable=True)  # best first; -inf last
+    place = jnp.argsort(order, axis=-1, stable=True)  # position of each candidate in order
+    keep = place < S
+    evicted_BKS, taken_BKC = ~keep[..., :S][..., ::-1], keep[..., S:]
+    free_BKS = jnp.argsort(~evicted_BKS, axis=-1, stable=True)  # evicted slots first, ascending
+    nth_BKC = jnp.maximum(jnp.cumsum(taken_BKC, axis=-1) - 1, 0)
+    dest_BKC = jnp.where(taken_BKC, jnp.take_along_axis(free_BKS, nth_BKC, axis=-1), S)
+    B, K = dest_BKC.shape[:2]
+    idx = (jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], dest_BKC)
+
+    def put(old, new):
+        return old.at[idx].set(new.astype(old.dtype), mode="drop")
+
+    return (
+        put(pos_BKS, new_pos_BKC),
+        put(jnp.asarray(score_BKS).astype(jnp.float32), new_score_BKC),
+        put(rank_BKS, new_rank_BKC),
+        dest_BKC.astype(jnp.int32),
+    )
+
+
 def scatter_rows(x_BKSD: jax.Array, dest_BKC: jax.Array, new_BKCD: jax.Array) -> jax.Array:
     """x with new rows written at slots dest (S = skip): C rows written, the rest untouched."""
     B, K = dest_BKC.shape[:2]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import decode_attention, reference_decode_attention
-from pallas_kernels.evict import reference_evict_slots
+from pallas_kernels.evict import reference_evict_slots, sorted_evict_slots
 
 from .config import ModelConfig
 from .policy import PolicyConfig
@@ -137,7 +137,9 @@ def choose_slots(
     """
     kh = new_score_BKC.shape[1]
     pos_BKC = jnp.broadcast_to(pos_BC[:, None, :], (pos_BC.shape[0], kh, pos_BC.shape[1]))
-    pos, score, _, dest_BKC = reference_evict_slots(
+    # one token (decode): C argmins are cheapest; a prefill chunk: one sort of S + C ranks
+    select = reference_evict_slots if pos_BC.shape[1] == 1 else sorted_evict_slots
+    pos, score, _, dest_BKC = select(
         cache.pos, score_BKS, rank_BKS, pos_BKC, new_score_BKC, new_rank_BKC
     )
     return pos, score, dest_BKC

@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser(
         "calibrate",
         help="derive a hybrid per-layer policy table from label statistics",
-        description="Classify each layer from its lifespan statistics (short-lived: window; "
-        "few long-lived keys: recent; otherwise gated) and split a total memory budget "
-        "between layers by their expected number of live keys (Little's law).",
+        description="Classify each layer from its lifespan statistics (95%% of keys live <= 16 "
+        "tokens: a 32-token window + 4 sinks; under 1%% of keys live >= 64 tokens: recent "
+        "only; otherwise gated) and split the memory budget between the other layers by "
+        "their expected number of live keys (Little's law) blended with equal shares.",
     )
     cal.add_argument("--labels", required=True, help="label store written by `smartkv labels`")
     cal.add_argument("--context", type=int, default=8192, help="context length the budget is for")

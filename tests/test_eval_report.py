@@ -174,8 +174,27 @@ def test_calibrated_tables_by_budget(tmp_path):
     assert R.policy_for(R.CALIBRATED, 3, 240, 0.25, pattern).layers[0].capacity == 30
     with pytest.raises(FileNotFoundError):
         R.policy_for(R.CALIBRATED, 3, 240, 0.125, pattern)
-    with pytest.raises(ValueError, match="needs a policy table"):
+    with pytest.raises(ValueError, match="needs a label store or a policy table"):
         R.policy_for(R.CALIBRATED, 3, 240, 0.5, None)
+
+
+def test_calibrated_from_a_label_store(tmp_path, monkeypatch):
+    """A label store as --calibrated: the table is derived at each context and budget."""
+    import train.calibrate as cal
+
+    stats = {"q95": np.full(3, 500.0), "long_share": np.full(3, 0.3), "live": np.ones(3)}
+    monkeypatch.setattr(cal, "layer_statistics", lambda path, tau: stats)
+    (tmp_path / "metadata.json").write_text("{}")
+    assert R.is_label_store(str(tmp_path)) and not R.is_label_store(str(tmp_path / "x.json"))
+    for context, mf in ((1024, 0.25), (2048, 0.125)):
+        pol = R.policy_for(R.CALIBRATED, 3, context, mf, str(tmp_path))
+        assert pol.name == R.CALIBRATED and {p.kind for p in pol.layers} == {"gated"}
+        assert pol.memory_fraction(context) == pytest.approx(mf, abs=0.01)
+    s = R.SweepSettings(policies=(R.CALIBRATED,), memory=(0.25, 0.5), calibrated=str(tmp_path))
+    assert [e.key for e in R.sweep_entries(s)][:2] == [
+        "ppl|hybrid-calibrated|0.25",
+        "ppl|hybrid-calibrated|0.5",
+    ]
 
 
 def test_sweep_entries_and_gap_closed():

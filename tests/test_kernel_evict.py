@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.evict import evict_insert, reference_evict_insert
+from pallas_kernels.evict import (
+    evict_insert,
+    reference_evict_insert,
+    scatter_rows,
+    sorted_evict_slots,
+)
 
 INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 INF = np.float32(np.inf)
@@ -129,6 +134,30 @@ def test_kernel_matches_reference_and_numpy(kind, B, K, S, C, D):
     if kind == "ties":  # lowest rank first (last slot), then ties broken by lowest index
         np.testing.assert_array_equal(pos1[0, 0, [4, 0]], new_pos[0, 0, [0, 1]])
         assert new_pos[0, 0, 2] not in pos1  # an equal rank does not replace
+
+
+@pytest.mark.parametrize("kind,B,K,S,C,D", CASES + [("random", 2, 3, 40, 64, 4)])
+def test_sorted_chunk_path_keeps_the_greedy_set(kind, B, K, S, C, D):
+    """The one-sort chunk path keeps exactly what the greedy rule keeps, ties included, with
+    each kept token's k row in its slot (slots may be permuted)."""
+    k, v, pos, score, rank, new_k, new_v, new_pos, new_score, new_rank = make_case(
+        kind, B, K, S, C, D
+    )
+    gk, _, gpos, gscore, grank = numpy_evict_insert(
+        k, v, pos, score, rank, new_k, new_v, new_pos, new_score, new_rank
+    )
+    spos, sscore, srank, dest = jax.jit(sorted_evict_slots)(
+        pos, score, rank, new_pos, new_score, new_rank
+    )
+    sk = np.asarray(scatter_rows(k, dest, new_k))
+    np.testing.assert_array_equal(np.sort(np.asarray(srank), 2), np.sort(grank, 2))
+    for b in range(B):
+        for h in range(K):
+
+            def rows(p, sc, kk, b=b, h=h):
+                return sorted(zip(p[b, h].tolist(), sc[b, h].tolist(), kk[b, h, :, 0].tolist()))
+
+            assert rows(np.asarray(spos), np.asarray(sscore), sk) == rows(gpos, gscore, gk)
 
 
 def test_keeps_top_ranked_candidates():

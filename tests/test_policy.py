@@ -236,3 +236,25 @@ def test_attention_policies_batch_like_single_rows(kind):
         for p in prompts
     ]
     assert batch == alone
+
+
+def test_calibration_rule_classes_and_budget():
+    from train.calibrate import table_from_statistics
+
+    stats = {
+        "q95": np.array([8.0, 200.0, 300.0, 500.0, 40.0]),
+        "long_share": np.array([0.0, 0.005, 0.3, 0.5, 0.2]),
+        "live": np.array([5.0, 20.0, 100.0, 300.0, 30.0]),
+    }
+    table = table_from_statistics(stats, 1024, 0.25, spread=0.0)
+    kinds = [p.kind for p in table.layers]
+    assert kinds == ["window", "recent", "gated", "gated", "gated"]
+    assert table.layers[0].capacity == 36
+    caps = [p.capacity for p in table.layers]
+    assert caps[3] > caps[2] > caps[4] > 48  # Little's law: more live keys, more slots
+    assert 0.24 < table.memory_fraction(1024) <= 0.25
+    flat = table_from_statistics(stats, 1024, 0.25, spread=100.0)
+    fcaps = [p.capacity for p in flat.layers[1:]]
+    assert max(fcaps) - min(fcaps) < caps[3] - caps[1]  # spread moves towards equal shares
+    with pytest.raises(ValueError, match="cannot give every layer 48 slots"):
+        table_from_statistics(stats, 128, 0.25)
