@@ -3,6 +3,7 @@ PyTorch generate (full cache), same model, same CPU.
 
     python -m eval.bench_decode [--contexts 1024 4096] [--batches 1 8] [--new-tokens 128]
                                 [--policies full hybrid] [--budget 0.25] [--gates CKPT]
+                                [--calibrated LABELS]  (for --policies hybrid-calibrated)
 
 Prompts are real text (the shared books), one offset per batch row. Decode rate is
 batch x (new_tokens - 1) new tokens over decode time: ours times its decode loop (compiled
@@ -26,7 +27,6 @@ from tqdm import tqdm
 from smartkv_jax.convert import DEFAULT_MODEL, load_model, load_tokenizer, smollm2_path
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.generate import generate
-from smartkv_jax.policy import make_policy
 
 
 def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[list[int]]:
@@ -132,12 +132,17 @@ def main(argv: list[str] | None = None) -> None:
         "--policies",
         nargs="+",
         default=["full"],
-        help="our cache policies to time (see `smartkv generate --help`)",
+        help="our cache policies to time: names as in `smartkv eval report` or .json tables",
     )
     ap.add_argument(
         "--budget", type=float, default=0.25, help="memory fraction of non-full policies"
     )
     ap.add_argument("--gates", default=None, help="gate checkpoint (default: random gates)")
+    ap.add_argument(
+        "--calibrated",
+        default=None,
+        help="label store for the hybrid-calibrated policy (its table is derived per context)",
+    )
     ap.add_argument("--text", default=None, help="directory of .txt files (default: shared books)")
     ap.add_argument("--no-torch", action="store_true", help="time only our implementation")
     ap.add_argument("--out", default="results/bench_decode")
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
         print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
         return
+    from eval.report import policy_for
+
     m = load_model(args.model)
     gates, gates_src = _gates(m, args.gates)
     rows = []
@@ -161,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             float("nan") if args.no_torch else torch_in_subprocess(args, ctx, batch)
         )
         for name in args.policies:
-            policy = make_policy(name, m.cfg.num_layers, ctx + args.new_tokens, args.budget)
+            policy = policy_for(
+                name, m.cfg.num_layers, ctx + args.new_tokens, args.budget, args.calibrated
+            )
             tok_s, kv = time_ours(m, prompts, args.new_tokens, policy, gates)
             row[f"{name}_tok_s"], row[f"{name}_kv_bytes"] = tok_s, kv
         rows.append(row)
