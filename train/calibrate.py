@@ -12,7 +12,7 @@ live keys, max over heads of mean(L + 1) (Little's law: keys arrive one per toke
 L + 1 tokens). spread 0 follows Little's law alone; larger values move towards equal shares.
 
 On SmolLM2-135M no layer passes either test at the defaults: a 36-slot window on its
-"shortest" layers (q95 <= 64) cost 1.4 perplexity points at 25% memory, and recent-only
+"shortest" layers (q95 <= 64) cost 1.5 perplexity points at 25% memory, and recent-only
 layers without sinks more, so the calibrated table is gated everywhere with per-layer sizes.
 """
 
