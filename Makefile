@@ -18,7 +18,8 @@ $(VENV_STAMP): pyproject.toml
 # The main job on the embedded default (SmolLM2-135M, the shared books): label keys, train
 # gates (tau 0.05 and 0.11), analyse them, then perplexity and needle retrieval of the full
 # cache, StreamingLLM's window and the hybrid policies (seed rule, calibrated) at 25%
-# memory; tables print, plots and reports go to $(DEMO). Training books: pg1342 pg1661 pg236 pg5200; held out: pg11 pg16.
+# memory; tables print, plots and reports go to $(DEMO). Training books: pg1342 pg1661
+# pg236 pg5200; held out: pg11 pg16.
 SMARTKV := .venv/bin/smartkv
 DEMO := results/demo
 BOOKS := $(abspath ../shared/data/gutenberg)

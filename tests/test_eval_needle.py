@@ -15,20 +15,11 @@ from eval import needle as N
 from smartkv_jax import gates as gate_mod
 from smartkv_jax import model
 from smartkv_jax.cache import init_cache
-from smartkv_jax.config import ModelConfig
 from smartkv_jax.policy import PolicyConfig
 
-CFG = ModelConfig(
-    model_type="llama",
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position=512,
-)
+from .conftest import tiny_config
+
+CFG = tiny_config(vocab_size=96, num_layers=3, max_position=512)
 
 
 class CharTokenizer:
