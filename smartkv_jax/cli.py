@@ -97,6 +97,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
         cap=args.cap,
         taus=args.taus,
         windows_per_doc=args.windows_per_doc,
+        first_window=args.first_window,
         chunk=args.chunk,
     )
     print(
@@ -208,7 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows-per-doc",
         type=int,
         default=2,
-        help="consecutive windows taken from the start of each book",
+        help="consecutive windows taken from each book",
+    )
+    lab.add_argument(
+        "--first-window",
+        type=int,
+        default=0,
+        help="index of the first window taken from each book (0: the book's start); a store "
+        "of windows 12.. and one of windows 0..11 can be trained on together",
     )
     lab.add_argument("--chunk", type=int, default=512, help="forward-pass chunk length")
     lab.add_argument("--out", required=True, help="output directory of the label store")

@@ -125,6 +125,31 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     assert store.lifespan_NTLK.shape == (128, 2, 2, 2)
     assert store.censored_N.sum() == 2 * 16
     assert store.lifespan_NTLK.max() <= 16
+    # windows 0 and 1 labelled separately (--first-window) join into the same rows
+    parts = []
+    for first in (0, 1):
+        extract_labels(
+            params,
+            cfg,
+            _ByteTokenizer(),
+            tmp_path / f"w{first}",
+            model_name="tiny",
+            source=tmp_path / "books",
+            books=["a"],
+            window=64,
+            cap=16,
+            windows_per_doc=1,
+            first_window=first,
+            chunk=32,
+        )
+        parts.append(tmp_path / f"w{first}")
+    joined = open_store(parts)
+    np.testing.assert_array_equal(joined.keys_NLKD, store.keys_NLKD)
+    np.testing.assert_array_equal(joined.lifespan_NTLK, store.lifespan_NTLK)
+    np.testing.assert_array_equal(joined.pos_N, store.pos_N)
+    assert joined.meta["n_windows"] == 2 and joined.name == f"{parts[0]} + {parts[1]}"
+    with pytest.raises(ValueError, match="window 1 of a.txt is in both"):
+        open_store([tmp_path / "store", parts[1]])
     with pytest.raises(FileNotFoundError, match="books not found"):
         extract_labels(
             params,

@@ -175,6 +175,9 @@ def test_store_opens_with_the_labels_schema(stores):
         s.tau_index(0.2)
     with pytest.raises(FileNotFoundError, match="not a label store"):
         open_store(stores["root"])
+    other = make_store(stores["root"] / "other_model", n_windows=1, seed=2, model="other")
+    with pytest.raises(ValueError, match="cannot join label stores .*: model differs"):
+        open_store([stores["train"], other])
 
 
 def test_recovers_planted_function(stores):

@@ -123,13 +123,17 @@ def extract_labels(
     cap: int = 1024,
     taus: Sequence[float] = DEFAULT_TAUS,
     windows_per_doc: int = 2,
+    first_window: int = 0,
     chunk: int = 512,
 ) -> dict:
-    """Write a label store for `windows_per_doc` consecutive windows of each book."""
+    """Write a label store for `windows_per_doc` consecutive windows of each book, starting at
+    window `first_window` (so stores with disjoint window ranges can be trained on together)."""
     import datasets
 
     if window > cfg.max_position:
         raise ValueError(f"window {window} exceeds the model's context of {cfg.max_position}")
+    if first_window < 0:
+        raise ValueError(f"first_window must be >= 0, got {first_window}")
     if not 0 < cap < window:
         raise ValueError(f"cap must be in (0, window={window}), got {cap}")
     files = text_files(source)
@@ -142,10 +146,12 @@ def extract_labels(
     jobs = []
     for f in files:
         ids = tokenizer(read_text(f)).input_ids
-        n = min(windows_per_doc, len(ids) // window)
-        if n == 0:
-            raise ValueError(f"{f.name} has {len(ids)} tokens, fewer than one window of {window}")
-        jobs += [(f.name, w, ids[w * window : (w + 1) * window]) for w in range(n)]
+        last = min(first_window + windows_per_doc, len(ids) // window)
+        if last <= first_window:
+            raise ValueError(
+                f"{f.name} has {len(ids)} tokens: no window of {window} from window {first_window}"
+            )
+        jobs += [(f.name, w, ids[w * window : (w + 1) * window]) for w in range(first_window, last)]
     shape = (cfg.num_layers, cfg.num_kv_heads)
     features = datasets.Features(
         {
@@ -177,6 +183,7 @@ def extract_labels(
         "num_layers": cfg.num_layers,
         "num_kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
+        "first_window": first_window,
         "n_windows": len(jobs),
         "tokens_per_s": len(jobs) * window / seconds,
     }

@@ -5,7 +5,8 @@
 Pieces, in the order the trainer uses them:
 
 - `open_store`: a label store (metadata.json + a `datasets` Arrow table in data/, written by
-  train/labels.py) as memory-mapped numpy arrays.
+  train/labels.py) as memory-mapped numpy arrays, or several stores of the same model and
+  labelling settings (say disjoint window ranges of `smartkv labels --first-window`) as one.
 - Sampling: the trainable rows are dealt round-robin into `data_shards` fixed shards; every
   shard has its own seeded stream of epoch permutations, and a global batch is the
   concatenation of `batch_size / data_shards` rows from each shard in shard order. A batch is
@@ -139,14 +140,24 @@ class TrainConfig:
 @dataclasses.dataclass
 class LabelStore:
     """A label store opened for reading. Arrays view the Arrow files (memory-mapped) when
-    possible, so opening a large store costs no memory until rows are read."""
+    possible, so opening a large store costs no memory until rows are read. A store joined
+    from several (`open_store([a, b])`) holds their rows in order, in memory."""
 
-    path: Path
+    paths: tuple[Path, ...]
     meta: dict[str, Any]
     keys_NLKD: np.ndarray  # float32 [N, L, K, D] pre-RoPE keys
     lifespan_NTLK: np.ndarray  # int32 [N, n_taus, L, K] lifespans clipped at cap
     censored_N: np.ndarray  # bool [N]: lifespan only a lower bound
     pos_N: np.ndarray  # int32 [N] position within the window
+
+    @property
+    def name(self) -> str:
+        return " + ".join(str(p) for p in self.paths)
+
+    def path_record(self) -> str | list[str]:
+        """Absolute path(s) for checkpoint metadata: a string for one store, else a list."""
+        full = [str(p.absolute()) for p in self.paths]
+        return full[0] if len(full) == 1 else full
 
     @property
     def num_rows(self) -> int:
@@ -167,7 +178,7 @@ class LabelStore:
         for i, t in enumerate(taus):
             if abs(t - tau) < 1e-9:
                 return i
-        raise ValueError(f"tau {tau} is not in label store {self.path} (it has taus {taus})")
+        raise ValueError(f"tau {tau} is not in label store {self.name} (it has taus {taus})")
 
     def labels(self, tau: float, rows: np.ndarray | None = None) -> np.ndarray:
         """y_nLK = log4(1 + lifespan) (float32) at `tau` for `rows` (default: all)."""
@@ -209,16 +220,28 @@ def _arrow_column(ds, name: str, inner_shape: tuple[int, ...], dtype) -> np.ndar
     return flat.astype(dtype, copy=False).reshape(n, *inner_shape)
 
 
+_JOIN_FIELDS = ("model", "taus", "cap", "window", "num_layers", "num_kv_heads", "head_dim")
+
+
 def open_store(
-    path: str | Path | LabelStore, in_memory: bool | None = None, max_memory_gb: float = 4.0
+    path: str | Path | LabelStore | Sequence[str | Path],
+    in_memory: bool | None = None,
+    max_memory_gb: float = 4.0,
 ) -> LabelStore:
-    """Open a label store directory (metadata.json + data/). A LabelStore passes through.
+    """Open a label store directory (metadata.json + data/). A LabelStore passes through; a
+    list of directories is joined into one store (same model, taus, cap, window and shapes;
+    no window labelled twice).
 
     in_memory: copy the arrays into RAM (faster random batches than reading the memory-mapped
     Arrow files); None: only when the keys take at most `max_memory_gb` GiB.
     """
     if isinstance(path, LabelStore):
         return path
+    if not isinstance(path, (str, Path)):
+        paths = list(path)
+        if len(paths) == 1:
+            return open_store(paths[0], in_memory, max_memory_gb)
+        return _join_stores([open_store(p, in_memory=False) for p in paths])
     import datasets
 
     path = Path(path)
@@ -235,7 +258,7 @@ def open_store(
         raise ValueError(f"label store {path}: data/ lacks columns {sorted(missing)}")
     nl, nk, d = int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"])
     store = LabelStore(
-        path=path,
+        paths=(path,),
         meta=meta,
         keys_NLKD=_arrow_column(ds, "key", (nl, nk, d), np.float32),
         lifespan_NTLK=_arrow_column(ds, "lifespan", (len(meta["taus"]), nl, nk), np.int32),
@@ -248,6 +271,46 @@ def open_store(
         store.keys_NLKD = np.array(store.keys_NLKD)
         store.lifespan_NTLK = np.array(store.lifespan_NTLK)
     return store
+
+
+def _labelled_windows(store: LabelStore) -> set[tuple[str, int]]:
+    """(doc, window) pairs of a single store, read from its doc/window columns."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(store.paths[0] / "data")).select_columns(["doc", "window"])
+    table = ds.data.table
+    pairs = zip(table.column("doc").to_pylist(), table.column("window").to_pylist())
+    return set(pairs)
+
+
+def _join_stores(stores: list[LabelStore]) -> LabelStore:
+    first = stores[0]
+    seen: dict[tuple[str, int], str] = {}
+    for s in stores:
+        for field in _JOIN_FIELDS:
+            if s.meta.get(field) != first.meta.get(field):
+                raise ValueError(
+                    f"cannot join label stores {first.name} and {s.name}: {field} differs "
+                    f"({first.meta.get(field)!r} vs {s.meta.get(field)!r})"
+                )
+        for doc, w in sorted(_labelled_windows(s)):
+            if (doc, w) in seen:
+                raise ValueError(
+                    f"cannot join label stores: window {w} of {doc} is in both {seen[doc, w]} "
+                    f"and {s.name}"
+                )
+            seen[doc, w] = s.name
+    meta = dict(first.meta)
+    meta["sources"] = sorted({d for s in stores for d in s.meta.get("sources", [])})
+    meta["n_windows"] = sum(int(s.meta.get("n_windows", 0)) for s in stores)
+    return LabelStore(
+        paths=tuple(p for s in stores for p in s.paths),
+        meta=meta,
+        keys_NLKD=np.concatenate([s.keys_NLKD for s in stores]),
+        lifespan_NTLK=np.concatenate([s.lifespan_NTLK for s in stores]),
+        censored_N=np.concatenate([s.censored_N for s in stores]),
+        pos_N=np.concatenate([s.pos_N for s in stores]),
+    )
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -543,7 +606,7 @@ def eval_rows(store: LabelStore, max_rows: int = 0) -> np.ndarray:
     """Uncensored rows of a store (evenly thinned to at most max_rows; 0: all)."""
     rows = np.flatnonzero(~store.censored_N)
     if len(rows) == 0:
-        raise ValueError(f"label store {store.path} has no uncensored keys to evaluate on")
+        raise ValueError(f"label store {store.name} has no uncensored keys to evaluate on")
     if max_rows and len(rows) > max_rows:
         rows = rows[np.linspace(0, len(rows) - 1, max_rows).astype(int)]
     return rows
@@ -564,7 +627,7 @@ def r2_per_head(
     store = open_store(store)
     want = (params.cfg.num_layers, params.cfg.num_kv_heads, params.cfg.head_dim)
     if store.shape != want:
-        raise ValueError(f"gates are for (L, K, D)={want} but {store.path} holds {store.shape}")
+        raise ValueError(f"gates are for (L, K, D)={want} but {store.name} holds {store.shape}")
     mesh = mesh or shd.make_mesh(devices=jax.local_devices())
     g_pad = shd.padded_heads(params.cfg.num_heads, mesh)
     flat = flatten_heads(jax.tree.map(np.asarray, params), pad_to=g_pad)
@@ -867,8 +930,8 @@ def train_gates(
         "store_shape": [nl, nk, d],
         "train_config": cfg.to_dict(),
         "label_store": {
-            "train": str(train.path.absolute()),
-            "eval": None if held is None else str(held.path.absolute()),
+            "train": train.path_record(),
+            "eval": None if held is None else held.path_record(),
             "train_sources": train.meta.get("sources"),
             "eval_sources": None if held is None else held.meta.get("sources"),
             "window": train.meta.get("window"),
@@ -1070,7 +1133,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "(a rerun with the same --ckpt-dir resumes).",
     )
     a = p.add_argument
-    a("--train", required=True, help="label store to train on (directory with metadata.json)")
+    a(
+        "--train",
+        required=True,
+        nargs="+",
+        help="label store(s) to train on (directories with metadata.json; several are joined)",
+    )
     a("--eval", default=None, help="held-out label store for R² (optional)")
     a("--tau", type=float, default=dflt.tau, help="attention threshold of the labels to fit")
     a("--steps", type=int, default=dflt.steps, help="optimiser steps")
