@@ -106,19 +106,21 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("the quick brown fox jumps " * 20)
     (tmp_path / "books" / "b.txt").write_text("over the lazy dog again " * 20)
-    meta = extract_labels(
-        params,
-        cfg,
-        _ByteTokenizer(),
-        tmp_path / "store",
-        model_name="tiny",
-        source=tmp_path / "books",
-        books=["a"],
-        window=64,
-        cap=16,
-        windows_per_doc=2,
-        chunk=32,
-    )
+    def label(out, **kw):
+        return extract_labels(
+            params,
+            cfg,
+            _ByteTokenizer(),
+            tmp_path / out,
+            model_name="tiny",
+            source=tmp_path / "books",
+            window=64,
+            cap=16,
+            chunk=32,
+            **kw,
+        )
+
+    meta = label("store", books=["a"], windows_per_doc=2)
     assert meta["sources"] == ["a.txt"] and meta["n_windows"] == 2
     store = open_store(tmp_path / "store")
     assert store.keys_NLKD.shape == (128, 2, 2, 8)
@@ -126,23 +128,9 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     assert store.censored_N.sum() == 2 * 16
     assert store.lifespan_NTLK.max() <= 16
     # windows 0 and 1 labelled separately (--first-window) join into the same rows
-    parts = []
     for first in (0, 1):
-        extract_labels(
-            params,
-            cfg,
-            _ByteTokenizer(),
-            tmp_path / f"w{first}",
-            model_name="tiny",
-            source=tmp_path / "books",
-            books=["a"],
-            window=64,
-            cap=16,
-            windows_per_doc=1,
-            first_window=first,
-            chunk=32,
-        )
-        parts.append(tmp_path / f"w{first}")
+        label(f"w{first}", books=["a"], windows_per_doc=1, first_window=first)
+    parts = [tmp_path / "w0", tmp_path / "w1"]
     joined = open_store(parts)
     np.testing.assert_array_equal(joined.keys_NLKD, store.keys_NLKD)
     np.testing.assert_array_equal(joined.lifespan_NTLK, store.lifespan_NTLK)
@@ -150,15 +138,7 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     assert joined.meta["n_windows"] == 2 and joined.name == f"{parts[0]} + {parts[1]}"
     with pytest.raises(ValueError, match="window 1 of a.txt is in both"):
         open_store([tmp_path / "store", parts[1]])
+    with pytest.raises(ValueError, match="no window of 64 from window 9"):
+        label("late", books=["a"], first_window=9)
     with pytest.raises(FileNotFoundError, match="books not found"):
-        extract_labels(
-            params,
-            cfg,
-            _ByteTokenizer(),
-            tmp_path / "x",
-            model_name="tiny",
-            source=tmp_path / "books",
-            books=["zzz"],
-            window=64,
-            cap=16,
-        )
+        label("x", books=["zzz"])
