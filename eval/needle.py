@@ -348,6 +348,7 @@ def _run_batch(
     hay = np.asarray([x.ids for x in prompts], np.int32)
     ques = np.asarray([x.question for x in prompts], np.int32)
     cache = init_cache(cfg, policy, b, params["embed"].dtype)
+    params = model.split_for_cache(params, cache)
 
     def chunks(tokens_BN: np.ndarray, start: int):
         """(tokens [B, chunk], pos [B, chunk], index of the last real column) pieces."""

@@ -209,6 +209,7 @@ def streaming_nll(
         oracle = np.zeros((*oracle_LBKT.shape[:3], padded), np.float32)
         oracle[..., :t] = oracle_LBKT
     cache = init_cache(cfg, policy, b, params["embed"].dtype)
+    params = model.split_for_cache(params, cache)
     parts = []
     for s in tqdm(range(0, padded, chunk), desc=desc, disable=not progress, leave=False):
         orc = None if oracle is None else jnp.asarray(oracle[..., s : s + chunk])

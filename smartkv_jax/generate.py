@@ -107,7 +107,7 @@ def _decode_loop(
 ):
     """Feed back sampled tokens until n_steps are done or every row has stopped."""
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
-    params = {**params, "layers": model.split_layers(params["layers"], cache.bounds)}
+    params = model.split_for_cache(params, cache)
 
     def cond(carry):
         i, _, _, _, _, done, _ = carry
@@ -211,6 +211,7 @@ def generate(
     policy = (policy or PolicyConfig.uniform(cfg.num_layers)).resolve(max_len)
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     cache = init_cache(cfg, policy, len(prompts), params["embed"].dtype)
+    params = model.split_for_cache(params, cache)
 
     t0 = time.perf_counter()
     last, cache = prefill(params, cfg, policy, prompts, cache, chunk, gates)

@@ -225,6 +225,13 @@ def split_layers(layers: Any, bounds: tuple[tuple[int, int], ...]) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda a, s=s, e=e: a[s:e], layers) for s, e in bounds)
 
 
+def split_for_cache(params: Params, cache: KVCache) -> Params:
+    """`params` with the layers split per cache group, for a loop of jitted chunk calls:
+    split once before the loop, since a jitted call on stacked params slices (copies) every
+    weight on every call when the cache has several groups."""
+    return {**params, "layers": split_layers(params["layers"], cache.bounds)}
+
+
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Vocabulary logits [..., V] in float32 from final hidden states [..., E]."""
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
