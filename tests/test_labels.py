@@ -106,6 +106,7 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("the quick brown fox jumps " * 20)
     (tmp_path / "books" / "b.txt").write_text("over the lazy dog again " * 20)
+
     def label(out, **kw):
         return extract_labels(
             params,
