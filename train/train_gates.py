@@ -95,7 +95,8 @@ class TrainConfig:
     uncensored keys; held out: pg11, pg16), where the gates overfit: strong decoupled weight
     decay (2.0) and ~100 epochs (800 steps of 1024) gave median R² 0.564 at tau 0.05 against
     0.53 for wd 0.01 / 1000 steps; hidden 64 and more steps only pay with more data (24
-    windows: 0.58 with hidden 64, wd 0.5, 2500 steps; 48 windows: 0.594 with 4000 steps).
+    windows: 0.58 with hidden 64, wd 0.5, 2500 steps; 48 windows: 0.594 and 86 windows: 0.603
+    with 4000 steps).
     """
 
     tau: float = 0.05
