@@ -41,7 +41,7 @@ from smartkv_jax import gates as gate_mod
 from smartkv_jax import model
 from smartkv_jax.cache import KVCache, init_cache
 from smartkv_jax.config import ModelConfig
-from smartkv_jax.data import read_text, text_files
+from smartkv_jax.data import encode, read_text, sentence_starts, text_files
 from smartkv_jax.policy import PolicyConfig
 
 NEEDLE = "The special magic number is {number}."
@@ -81,42 +81,14 @@ def load_haystack(
     between them), repeated until at least `min_tokens` long."""
     path = Path(source) if source is not None else default_haystack_dir()
     text = "\n\n".join(read_text(f).strip() for f in text_files(path))
-    ids = list(_encode(tokenizer, text))
+    ids = list(encode(tokenizer, text))
     if not ids:
         raise ValueError(f"the haystack at {path} is empty")
-    sep = list(_encode(tokenizer, "\n\n"))
+    sep = list(encode(tokenizer, "\n\n"))
     out = list(ids)
     while len(out) < min_tokens:
         out += sep + ids
     return np.asarray(out, np.int32)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` without special tokens added (BOS/EOS)."""
-    try:
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-    except TypeError:
-        return list(tokenizer(text).input_ids)
-
-
-def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """Each token decoded on its own."""
-    if hasattr(tokenizer, "batch_decode"):
-        return list(tokenizer.batch_decode([[int(i)] for i in ids]))
-    return [tokenizer.decode([int(i)]) for i in ids]
-
-
-def sentence_starts(tokenizer: Any, ids: Sequence[int]) -> np.ndarray:
-    """Indices j in 0..len(ids) (sorted, int) where a sentence may start: 0 and every j whose
-    previous token ends with ., ! or ? (closing quotes allowed) or a newline."""
-    texts = token_texts(tokenizer, ids)
-    starts = [0]
-    for j in range(1, len(ids) + 1):
-        prev = texts[j - 1]
-        core = prev.rstrip(" \t").rstrip("\"'\u201d\u2019)")
-        if prev.endswith("\n") or core.endswith((".", "!", "?")):
-            starts.append(j)
-    return np.asarray(starts, np.int64)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -156,13 +128,13 @@ def prompt_parts(tokenizer: Any, fmt: str) -> tuple[list[int], list[int]]:
     """(prefix ids before the haystack, suffix ids after it: question + answer cue)."""
     fmt = resolve_format(tokenizer, fmt)
     if fmt == "plain":
-        return [], _encode(tokenizer, f"\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}")
+        return [], encode(tokenizer, f"\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}")
     if fmt == "chat":
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
         )
         pre, post = text.split(_MARK)
-        return _encode(tokenizer, pre), _encode(tokenizer, f"\n\n{QUESTION}{post}{ANSWER_PREFIX}")
+        return encode(tokenizer, pre), encode(tokenizer, f"\n\n{QUESTION}{post}{ANSWER_PREFIX}")
     raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -196,7 +168,7 @@ def build_prompt(
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     number = number or needle_number(seed, context, depth)
     prefix, suffix = prompt_parts(tokenizer, fmt)
-    needle = _encode(tokenizer, " " + NEEDLE.format(number=number))
+    needle = encode(tokenizer, " " + NEEDLE.format(number=number))
     hay_len = context - max_new_tokens - len(prefix) - len(suffix) - len(needle)
     if hay_len < 16:
         raise ValueError(f"context {context} leaves {hay_len} haystack tokens; make it longer")
@@ -533,7 +505,7 @@ def needle_oracle(
     def fn(x: NeedlePrompt) -> np.ndarray:
         key = x.ids + x.question
         if tokenizer is not None:
-            key += tuple(_encode(tokenizer, f" {x.number}."))
+            key += tuple(encode(tokenizer, f" {x.number}."))
         if key not in memo:
             memo[key] = oracle_scores(params, cfg, key, tau)
         return memo[key][..., : len(x.ids) + len(x.question)]

@@ -62,8 +62,9 @@ DEFAULT_POLICIES = (
     "oracle",
 )
 DEFAULT_MEMORY = (0.0625, 0.125, 0.25, 0.5)
-HYBRIDS = ("hybrid", CALIBRATED, "hybrid:mask", CALIBRATED + ":mask")
 MASK = ":mask"
+EXPIRY = ":expiry"
+HYBRIDS = ("hybrid", CALIBRATED, "hybrid" + MASK, CALIBRATED + MASK, CALIBRATED + EXPIRY)
 RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
@@ -146,7 +147,7 @@ def sweep_entries(settings: SweepSettings) -> list[Entry]:
         for name in settings.policies:
             if name == "full":
                 out.append(Entry(task, name, 1.0))
-            elif name == CALIBRATED:
+            elif _base(name) == CALIBRATED:
                 if settings.calibrated is None:
                     continue
                 if "{mf}" in settings.calibrated or is_label_store(settings.calibrated):
@@ -174,8 +175,10 @@ def policy_for(
 
     A MASK suffix (e.g. "oracle:mask", "hybrid:mask") turns on the hiding of expired slots
     in gated and oracle layers (by default they only rank by remaining life under the budget).
+    An EXPIRY suffix ("hybrid-calibrated:expiry") makes the calibrated table's gated layers
+    rank by predicted expiry instead of age-discounted life.
     Raises ValueError when the budget is too small for the policy (e.g. the hybrid rule)."""
-    base = name.removesuffix(MASK)
+    base = _base(name)
     if base == CALIBRATED:
         if calibrated is None:
             raise ValueError(
@@ -196,11 +199,19 @@ def policy_for(
     if name.endswith(MASK):
         layers = tuple(dataclasses.replace(p, mask_expired=True) for p in pol.layers)
         pol = dataclasses.replace(pol, layers=layers)
+    if name.endswith(EXPIRY):
+        layers = tuple(dataclasses.replace(p, discount=None) for p in pol.layers)
+        pol = dataclasses.replace(pol, layers=layers)
     return dataclasses.replace(pol, name=name)
 
 
+def _base(name: str) -> str:
+    """A sweep name without its MASK / EXPIRY suffix."""
+    return name.removesuffix(MASK).removesuffix(EXPIRY)
+
+
 def _is_oracle(name: str) -> bool:
-    return name.removesuffix(MASK) == "oracle"
+    return _base(name) == "oracle"
 
 
 # ----------------------------------------------------------------------------- storage
@@ -581,7 +592,7 @@ def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _policy_order(name: str) -> tuple[int, str]:
-    base = name.removesuffix(MASK)
+    base = _base(name)
     n = len(DEFAULT_POLICIES)
     return (DEFAULT_POLICIES.index(base) if base in DEFAULT_POLICIES else n, name)
 
@@ -981,7 +992,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=list(DEFAULT_POLICIES),
         help="policies to sweep: full window recent h2o tova snapkv knorm random gated-only "
         "hybrid hybrid-calibrated oracle, or .json policy tables; a ':mask' suffix "
-        "(oracle:mask, hybrid:mask) hides expired slots from attention",
+        "(oracle:mask, hybrid:mask) hides expired slots from attention; "
+        "hybrid-calibrated:expiry ranks its gated keys by predicted expiry instead of "
+        "age-discounted predicted life",
     )
     p.add_argument(
         "--memory",

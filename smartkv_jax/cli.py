@@ -99,6 +99,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
         windows_per_doc=args.windows_per_doc,
         first_window=args.first_window,
         chunk=args.chunk,
+        facts=args.facts,
+        seed=args.seed,
     )
     print(
         json.dumps(meta, indent=2)
@@ -112,7 +114,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from train.calibrate import calibrate
 
-    table = calibrate(args.labels, args.context, args.budget, tau=args.tau)
+    discount = None if args.expiry else args.discount
+    table = calibrate(args.labels, args.context, args.budget, tau=args.tau, discount=discount)
     text = table.to_json()
     if args.out:
         Path(args.out).write_text(text)
@@ -218,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="index of the first window taken from each book (0: the book's start); a store "
         "of windows 12.. and one of windows 0..11 can be trained on together",
     )
+    lab.add_argument(
+        "--facts",
+        type=int,
+        default=0,
+        help="retrieval facts per window (0: plain text): synthetic facts with 4-8 digit values "
+        "are put early in each window and recalled by questions answered at its end, so the "
+        "facts' keys get the long lifespans a later question gives them",
+    )
+    lab.add_argument("--seed", type=int, default=0, help="seed of the facts' text and values")
     lab.add_argument("--chunk", type=int, default=512, help="forward-pass chunk length")
     lab.add_argument("--out", required=True, help="output directory of the label store")
     lab.add_argument("--json", action="store_true", help="print the store's metadata as JSON")
@@ -240,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV memory as a fraction of the full cache at --context",
     )
     cal.add_argument("--tau", type=float, default=0.05, help="threshold of the labels to use")
+    cal.add_argument(
+        "--discount",
+        type=float,
+        default=0.5,
+        help="gated layers rank keys by predicted log4 life - DISCOUNT * log4(1 + age)",
+    )
+    cal.add_argument(
+        "--expiry",
+        action="store_true",
+        help="rank gated keys by predicted expiry pos + 2 * 4**prediction instead (better "
+        "perplexity, loses details that only a late question reads)",
+    )
     cal.add_argument("--out", default=None, help="write the table as JSON here")
     cal.add_argument("--json", action="store_true", help="print the table as JSON")
     cal.set_defaults(func=cmd_calibrate)

@@ -28,7 +28,7 @@ POLICY_KINDS = (
     "full",  # every token kept (capacity = sequence length)
     "window",  # StreamingLLM: n_sink first positions + the most recent tokens
     "recent",  # the most recent tokens only
-    "gated",  # learned gates: remaining life pos + margin * 4**score - t
+    "gated",  # learned gates: predicted expiry, or predicted life discounted by age
     "oracle",  # as gated, with the true log4 lifespans (from labels) as scores
     "h2o",  # accumulated attention (heavy hitters) + recent window
     "tova",  # attention of the newest query + recent window
@@ -52,6 +52,11 @@ class LayerPolicy:
     n_sink:   first positions never evicted (window, gated, oracle, h2o, knorm, random).
     recent:   most recent tokens never evicted (all but full/tova).
     margin:   gated/oracle: a key expires at pos + margin * 4**score.
+    discount: gated/oracle: None ranks slots by that expiry; a number g ranks them by
+        score - g * log4(1 + age) instead. Under expiry a key predicted to live past the
+        label cap is still dropped once pos + margin * 4**cap has passed, so a detail that only
+        a late question reads (a needle) is lost in a long prompt; a discount keeps keys that
+        are predicted long-lived as they age, at a cost of g per log4 of their age.
     mask_expired: gated/oracle: hide expired slots from attention before they are evicted
         (off by default: on SmolLM2 it made even the oracle worse than a plain window).
     obs_window, pool: snapkv: queries observed per chunk and max-pool width.
@@ -62,6 +67,7 @@ class LayerPolicy:
     n_sink: int = 4
     recent: int = 32
     margin: float = 1.0
+    discount: float | None = None
     mask_expired: bool = False
     obs_window: int = 32
     pool: int = 7
@@ -71,15 +77,17 @@ class LayerPolicy:
             raise ValueError(f"unknown policy {self.kind!r}; known: {', '.join(POLICY_KINDS)}")
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
-        if self.n_sink < 0 or self.recent < 0 or self.margin <= 0:
+        bad_discount = self.discount is not None and self.discount < 0
+        if self.n_sink < 0 or self.recent < 0 or self.margin <= 0 or bad_discount:
             raise ValueError(f"invalid policy settings: {self}")
 
     def describe(self) -> str:
         cap = "all" if self.capacity is None else str(self.capacity)
+        life = f"margin {self.margin}" if self.discount is None else f"discount {self.discount}"
         extra = {
             "window": f"sinks {self.n_sink}",
-            "gated": f"margin {self.margin}, sinks {self.n_sink}, recent {self.recent}",
-            "oracle": f"margin {self.margin}, sinks {self.n_sink}, recent {self.recent}",
+            "gated": f"{life}, sinks {self.n_sink}, recent {self.recent}",
+            "oracle": f"{life}, sinks {self.n_sink}, recent {self.recent}",
         }.get(self.kind, "" if self.kind in ("full", "recent") else f"recent {self.recent}")
         return f"{self.kind}({cap} slots{', ' + extra if extra else ''})"
 
@@ -230,7 +238,12 @@ def ranks(policy: LayerPolicy, pos: jax.Array, score: jax.Array, t_B: jax.Array)
     elif policy.kind == "window":
         base = jnp.where(pos < policy.n_sink, _SINK_RANK + p, p)
     else:
-        base = _expiry(policy, pos, score) if policy.kind in LIFE_SCORED else score
+        base = score
+        if policy.kind in LIFE_SCORED and policy.discount is None:
+            base = _expiry(policy, pos, score)
+        elif policy.kind in LIFE_SCORED:
+            age = jnp.maximum(t - p, 0.0)
+            base = score - policy.discount * jnp.log1p(age) / jnp.log(4.0)
         recent = pos > t - policy.recent
         base = jnp.where(recent, _RECENT_RANK + p, base)
         if policy.kind != "tova":

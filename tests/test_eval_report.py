@@ -190,6 +190,10 @@ def test_calibrated_from_a_label_store(tmp_path, monkeypatch):
         pol = R.policy_for(R.CALIBRATED, 3, context, mf, str(tmp_path))
         assert pol.name == R.CALIBRATED and {p.kind for p in pol.layers} == {"gated"}
         assert pol.memory_fraction(context) == pytest.approx(mf, abs=0.01)
+        assert {p.discount for p in pol.layers} == {0.5}
+        exp = R.policy_for(R.CALIBRATED + R.EXPIRY, 3, context, mf, str(tmp_path))
+        assert {p.discount for p in exp.layers} == {None}
+        assert [p.capacity for p in exp.layers] == [p.capacity for p in pol.layers]
     s = R.SweepSettings(policies=(R.CALIBRATED,), memory=(0.25, 0.5), calibrated=str(tmp_path))
     assert [e.key for e in R.sweep_entries(s)][:2] == [
         "ppl|hybrid-calibrated|0.25",

@@ -113,6 +113,28 @@ def test_expired_keys_are_hidden_from_attention():
     np.testing.assert_allclose(got, visible_reference(params, CFG1, tokens, sets), atol=1e-4)
 
 
+def test_discounted_life_keeps_old_long_lived_keys_that_expiry_drops():
+    from smartkv_jax.policy import ranks
+
+    pos = jnp.asarray([[[10, 500, 900]]])
+    score = jnp.asarray([[[5.0, 2.0, 1.0]]])
+    t = jnp.asarray([1000])
+    expiry = ranks(LayerPolicy("gated", margin=2.0), pos, score, t)
+    np.testing.assert_allclose(expiry, [[[10 + 2 * 4.0**5, 500 + 2 * 16.0, 900 + 2 * 4.0]]])
+    disc = ranks(LayerPolicy("gated", discount=0.5), pos, score, t)
+    want = np.asarray([5.0, 2.0, 1.0]) - 0.5 * np.log1p([990.0, 500.0, 100.0]) / np.log(4.0)
+    np.testing.assert_allclose(disc[0, 0], want, rtol=1e-6)
+    # at t = 3000 an old key predicted to outlive the label cap (log4 life 5) against a newer
+    # short-lived one: expiry evicts the old key (its deadline 2058 has passed), the discount
+    # keeps it
+    pos, score, t = jnp.asarray([[[10, 2900]]]), jnp.asarray([[[5.0, 1.0]]]), jnp.asarray([3000])
+    assert int(jnp.argmin(ranks(LayerPolicy("gated", margin=2.0), pos, score, t))) == 0
+    assert int(jnp.argmin(ranks(LayerPolicy("gated", discount=0.5), pos, score, t))) == 1
+    assert "discount 0.5" in LayerPolicy("gated", discount=0.5).describe()
+    with pytest.raises(ValueError, match="invalid policy settings"):
+        LayerPolicy("gated", discount=-1.0)
+
+
 @pytest.mark.parametrize("kind", ["window", "gated", "oracle", "h2o", "snapkv", "knorm", "random"])
 def test_sinks_and_recent_window_are_never_evicted(kind):
     params = _params(CFG3)
@@ -250,6 +272,9 @@ def test_calibration_rule_classes_and_budget():
     kinds = [p.kind for p in table.layers]
     assert kinds == ["window", "recent", "gated", "gated", "gated"]
     assert table.layers[0].capacity == 36
+    assert {p.discount for p in table.layers if p.kind == "gated"} == {0.5}
+    expiry = table_from_statistics(stats, 1024, 0.25, spread=0.0, discount=None)
+    assert {p.discount for p in expiry.layers} == {None}
     caps = [p.capacity for p in table.layers]
     assert caps[3] > caps[2] > caps[4] > 48  # Little's law: more live keys, more slots
     assert 0.24 < table.memory_fraction(1024) <= 0.25

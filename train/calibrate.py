@@ -5,7 +5,8 @@ Rule (a refinement of the seed's): for each layer, from the uncensored keys' lif
   32 recent tokens + 4 sinks;
 - layers with almost no long-lived keys (under `long_share` of keys live >= 64 tokens in
   every head) keep recent tokens only;
-- the rest are gated.
+- the rest are gated, ranking keys by predicted life discounted by age (`discount`, None:
+  by predicted expiry pos + margin * 4**score).
 Non-window layers share the remaining budget: a floor of 48 slots each, the rest split in
 proportion to `live + spread * mean(live)`, where `live` is the layer's expected number of
 live keys, max over heads of mean(L + 1) (Little's law: keys arrive one per token and stay
@@ -28,6 +29,7 @@ from smartkv_jax.policy import LayerPolicy, PolicyConfig
 from .train_gates import open_store
 
 SPREAD = 1.0  # budget split between Little's law (0) and equal shares (large)
+DISCOUNT = 0.5  # gated layers rank by score - DISCOUNT * log4(1 + age) (LayerPolicy.discount)
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,6 +69,7 @@ def table_from_statistics(
     long_share: float = 0.01,
     spread: float = SPREAD,
     margin: float = 2.0,
+    discount: float | None = DISCOUNT,
 ) -> PolicyConfig:
     """The calibration rule on per-layer statistics (as `layer_statistics` returns them)."""
     n = len(stats["q95"])
@@ -94,5 +97,7 @@ def table_from_statistics(
         elif kinds[i] == "recent":
             layers.append(LayerPolicy("recent", capacity=int(caps[i])))
         else:
-            layers.append(LayerPolicy("gated", capacity=int(caps[i]), margin=margin))
+            layers.append(
+                LayerPolicy("gated", capacity=int(caps[i]), margin=margin, discount=discount)
+            )
     return PolicyConfig(layers=tuple(layers), name="hybrid-calibrated")
