@@ -25,7 +25,8 @@ DEMO := results/demo
 BOOKS := $(abspath ../shared/data/gutenberg)
 
 demo: $(VENV_STAMP)
-	$(SMARTKV) labels --books pg1342 pg1661 pg236 pg5200 --windows-per-doc 1 --out $(DEMO)/labels_train
+	$(SMARTKV) labels --books pg1342 pg1661 pg236 pg5200 --windows-per-doc 1 --facts 4 \
+		--out $(DEMO)/labels_train
 	$(SMARTKV) labels --books pg11 pg16 --windows-per-doc 1 --out $(DEMO)/labels_test
 	$(SMARTKV) train-gates --train $(DEMO)/labels_train --eval $(DEMO)/labels_test --tau 0.05 \
 		--steps 400 --eval-every 200 --ckpt-dir $(DEMO)/gates_tau0.05
