@@ -196,18 +196,28 @@ def policy_for(
     else:
         mf = 1.0 if memory_fraction is None else memory_fraction
         pol = make_policy(base, num_layers, context, mf)
-    if name.endswith(MASK):
-        layers = tuple(dataclasses.replace(p, mask_expired=True) for p in pol.layers)
-        pol = dataclasses.replace(pol, layers=layers)
-    if name.endswith(EXPIRY):
-        layers = tuple(dataclasses.replace(p, discount=None) for p in pol.layers)
-        pol = dataclasses.replace(pol, layers=layers)
-    return dataclasses.replace(pol, name=name)
+    suffixes, changes = _split(name)[1], {}
+    if MASK in suffixes:
+        changes["mask_expired"] = True
+    if EXPIRY in suffixes:
+        changes["discount"] = None
+    layers = tuple(dataclasses.replace(p, **changes) for p in pol.layers)
+    return dataclasses.replace(pol, layers=layers, name=name)
+
+
+def _split(name: str) -> tuple[str, set[str]]:
+    """(base name, its trailing MASK / EXPIRY suffixes, in any order)."""
+    found: set[str] = set()
+    while name.endswith((MASK, EXPIRY)):
+        suffix = MASK if name.endswith(MASK) else EXPIRY
+        found.add(suffix)
+        name = name.removesuffix(suffix)
+    return name, found
 
 
 def _base(name: str) -> str:
-    """A sweep name without its MASK / EXPIRY suffix."""
-    return name.removesuffix(MASK).removesuffix(EXPIRY)
+    """A sweep name without its MASK / EXPIRY suffixes."""
+    return _split(name)[0]
 
 
 def _is_oracle(name: str) -> bool:

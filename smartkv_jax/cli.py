@@ -114,8 +114,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from train.calibrate import calibrate
 
-    discount = None if args.expiry else args.discount
-    table = calibrate(args.labels, args.context, args.budget, tau=args.tau, discount=discount)
+    rule = {"discount": None} if args.expiry else {}
+    if args.discount is not None and not args.expiry:
+        rule["discount"] = args.discount
+    table = calibrate(args.labels, args.context, args.budget, tau=args.tau, **rule)
     text = table.to_json()
     if args.out:
         Path(args.out).write_text(text)
@@ -255,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--discount",
         type=float,
-        default=0.5,
-        help="gated layers rank keys by predicted log4 life - DISCOUNT * log4(1 + age)",
+        default=None,
+        help="gated layers rank keys by predicted log4 life - DISCOUNT * log4(1 + age) "
+        "(default: train.calibrate.DISCOUNT, 0.5)",
     )
     cal.add_argument(
         "--expiry",

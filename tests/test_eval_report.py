@@ -194,6 +194,8 @@ def test_calibrated_from_a_label_store(tmp_path, monkeypatch):
         exp = R.policy_for(R.CALIBRATED + R.EXPIRY, 3, context, mf, str(tmp_path))
         assert {p.discount for p in exp.layers} == {None}
         assert [p.capacity for p in exp.layers] == [p.capacity for p in pol.layers]
+        both = R.policy_for(R.CALIBRATED + R.EXPIRY + R.MASK, 3, context, mf, str(tmp_path))
+        assert {(p.discount, p.mask_expired) for p in both.layers} == {(None, True)}
     s = R.SweepSettings(policies=(R.CALIBRATED,), memory=(0.25, 0.5), calibrated=str(tmp_path))
     assert [e.key for e in R.sweep_entries(s)][:2] == [
         "ppl|hybrid-calibrated|0.25",
