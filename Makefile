@@ -44,7 +44,8 @@ demo: $(VENV_STAMP)
 	$(SMARTKV) generate --policy $(DEMO)/hybrid-calibrated.json --gates $(DEMO)/gates_tau0.05 \
 		--max-new-tokens 64 --greedy --chat --prompt "Name three uses of a KV cache."
 
-test: $(VENV_STAMP)
+# the style check runs first, so `make test` (and CI) fail on lint too
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(VENV_STAMP)

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
         print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
         return
-    from eval.report import policy_for
+    from train.policy_names import parse_policy
 
     m = load_model(args.model)
     gates, gates_src = _gates(m, args.gates)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             float("nan") if args.no_torch else torch_in_subprocess(args, ctx, batch)
         )
         for name in args.policies:
-            policy = policy_for(
+            policy = parse_policy(
                 name, m.cfg.num_layers, ctx + args.new_tokens, args.budget, args.calibrated
             )
             tok_s, kv = time_ours(m, prompts, args.new_tokens, policy, gates)

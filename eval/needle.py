@@ -9,7 +9,7 @@ through the cache in chunks under the policy, then the question (and the start o
 answer) is fed, then ~12 tokens are decoded greedily. Score: 1 when the first number in the
 answer is exactly the needle's (a wrong, partial or longer number scores 0).
 
-Per-layer needle score (DESIGN.md): the mean gate prediction (log4) over the needle's tokens,
+Per-layer needle score (docs/design.md): the mean gate prediction (log4) over the needle's tokens,
 from the gates applied to the pre-RoPE keys the forward pass probes. With the oracle, the
 true log4 lifespans of the needle's tokens give the same score from labels.
 
@@ -28,7 +28,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,11 @@ import numpy as np
 from tqdm import tqdm
 
 from smartkv_jax import gates as gate_mod
-from smartkv_jax import model
-from smartkv_jax.cache import KVCache, init_cache
-from smartkv_jax.config import ModelConfig
+from smartkv_jax.cache import KVCache
 from smartkv_jax.data import encode, read_text, sentence_starts, text_files
-from smartkv_jax.policy import PolicyConfig
+from smartkv_jax.generate import generate
+from smartkv_jax.model import Transformer
+from smartkv_jax.policy_table import PolicyConfig
 
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text?"
@@ -52,7 +51,6 @@ DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_NEW_TOKENS = 12
 DEFAULT_CHUNK = 64
-_ORACLE_NEW = 10.0  # oracle score (log4 life) given to decoded tokens: kept while decoding
 _MARK = "\x00HAYSTACK\x00"
 
 PolicyFn = Callable[[int], PolicyConfig]  # context length (tokens) -> policy at that length
@@ -239,35 +237,10 @@ def _probe_keys(q_BHCD, k_BKCD, k_pre_BKCD):
     return k_pre_BKCD
 
 
-@partial(jax.jit, static_argnums=(1, 2), donate_argnums=(5,))
-def _needle_step(
-    params,
-    cfg: ModelConfig,
-    policy: PolicyConfig,
-    tokens_BC: jax.Array,
-    pos_BC: jax.Array,
-    cache: KVCache,
-    last: jax.Array,
-    gates=None,
-    oracle_LBKC=None,
-    probe_gates=None,
-):
-    """One chunk: (greedy next token after column `last` [B] int32, cache, gate predictions
-    of the chunk's keys yhat_LBKC (log4) or None without `probe_gates`)."""
-    kw = dict(gates=gates, oracle_LBKC=oracle_LBKC)
-    y_LBKC = None
-    if probe_gates is None:
-        hidden, cache = model.forward(params, cfg, policy, tokens_BC, pos_BC, cache, **kw)
-    else:
-        hidden, cache, kpre_LBKCD = model.forward(
-            params, cfg, policy, tokens_BC, pos_BC, cache, probe=_probe_keys, **kw
-        )
-        y_LBKC = jax.vmap(gate_mod.apply_layer, in_axes=(0, 0, None))(
-            probe_gates, kpre_LBKCD, pos_BC
-        )
-    h_BE = jax.lax.dynamic_index_in_dim(hidden, last, axis=1, keepdims=False)
-    nxt = jnp.argmax(model.logits(params, cfg, h_BE), axis=-1).astype(jnp.int32)
-    return nxt, cache, y_LBKC
+@jax.jit
+def _gate_predictions(gates, k_pre_LBKCD: jax.Array, pos_BC: jax.Array) -> jax.Array:
+    """Gate predictions yhat_LBKC (log4) of one chunk's pre-RoPE keys in every layer."""
+    return jax.vmap(gate_mod.apply_layer, in_axes=(0, 0, None))(gates, k_pre_LBKCD, pos_BC)
 
 
 @dataclasses.dataclass
@@ -296,8 +269,7 @@ class NeedleResult:
 
 
 def _run_batch(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     policy: PolicyConfig,
     prompts: Sequence[NeedlePrompt],
     *,
@@ -307,99 +279,48 @@ def _run_batch(
     gates,
     oracle_LBKT: np.ndarray | None,
     probe_gates,
-    progress: bool,
-    desc: str,
 ) -> tuple[list[list[int]], np.ndarray | None, KVCache]:
-    """Prefill, question, greedy decode for prompts of equal shape (one batch row each).
-    Returns (new tokens per row, gate predictions [L, B, K, P] over the haystack or None,
-    cache)."""
-    b = len(prompts)
+    """Haystack (compressed as it is prefilled), then question, then greedy decoding, for
+    prompts of equal shape (one batch row each), through the library's `generate`.
+    Returns (new tokens per row without the stop token, gate predictions [L, B, K, P] over
+    the haystack or None, cache)."""
     p, q = len(prompts[0].ids), len(prompts[0].question)
     if any(len(x.ids) != p or len(x.question) != q for x in prompts):
         raise ValueError("a needle batch needs prompts of equal length")
-    hay = np.asarray([x.ids for x in prompts], np.int32)
-    ques = np.asarray([x.question for x in prompts], np.int32)
-    cache = init_cache(cfg, policy, b, params["embed"].dtype)
-    params = model.split_for_cache(params, cache)
-
-    def chunks(tokens_BN: np.ndarray, start: int):
-        """(tokens [B, chunk], pos [B, chunk], index of the last real column) pieces."""
-        n = tokens_BN.shape[1]
-        for s in range(0, n, chunk):
-            c = min(chunk, n - s)
-            tok = np.zeros((b, chunk), np.int32)
-            pos = np.full((b, chunk), -1, np.int32)
-            tok[:, :c] = tokens_BN[:, s : s + c]
-            pos[:, :c] = np.arange(start + s, start + s + c)
-            yield s, tok, pos, c - 1
-
-    def oracle_slice(s: int, width: int):
-        if not policy.needs_oracle:
-            return None
-        o = np.full((cfg.num_layers, b, cfg.num_kv_heads, width), _ORACLE_NEW, np.float32)
-        got = oracle_LBKT[..., s : s + width]
-        o[..., : got.shape[-1]] = got
-        return jnp.asarray(o)
-
-    ys = []
-    n_steps = -(-p // chunk) + -(-q // chunk) + max_new_tokens - 1
-    bar = tqdm(total=n_steps, desc=desc, disable=not progress, leave=False)
-    nxt = None
-    for phase, (arr, start) in enumerate(((hay, 0), (ques, p))):
-        for s, tok, pos, last in chunks(arr, start):
-            nxt, cache, y = _needle_step(
-                params,
-                cfg,
-                policy,
-                jnp.asarray(tok),
-                jnp.asarray(pos),
-                cache,
-                jnp.int32(last),
-                gates,
-                oracle_slice(start + s, chunk),
-                probe_gates,
-            )
-            if y is not None and phase == 0:
-                ys.append(np.asarray(y))
-            bar.update()
-    out = [np.asarray(nxt)]
-    done = np.isin(out[0], stops)
-    t = p + q
-    for _ in range(max_new_tokens - 1):
-        if done.all():
-            break
-        # one new token per row, padded to the prefill chunk's shape (padding positions are
-        # -1: never attended to or stored), so decoding reuses the prefill's compiled step
-        (s, tok, pos, last), *_ = chunks(out[-1][:, None], t)
-        nxt, cache, _ = _needle_step(
-            params,
-            cfg,
-            policy,
-            jnp.asarray(tok),
-            jnp.asarray(pos),
-            cache,
-            jnp.int32(last),
-            gates,
-            oracle_slice(t, chunk),
-            probe_gates,
+    aux = {"gates": gates}
+    if oracle_LBKT is not None:
+        aux["oracle"] = jnp.asarray(oracle_LBKT, jnp.float32)
+    res = generate(
+        model,
+        [x.question for x in prompts],
+        max_new_tokens,
+        policy=policy,
+        aux=aux,
+        stop_tokens=stops,
+        chunk=chunk,
+        context=[x.ids for x in prompts],
+        probe=None if probe_gates is None else _probe_keys,
+    )
+    y_all = None
+    if probe_gates is not None:
+        pos_BP = np.broadcast_to(
+            np.arange(_round_up(p, chunk)), (len(prompts), _round_up(p, chunk))
         )
-        out.append(np.asarray(nxt))
-        done |= np.isin(out[-1], stops)
-        t += 1
-        bar.update()
-    bar.close()
-    rows = np.stack(out, axis=1)
-    tokens = []
-    for row in rows.tolist():
-        cut = next((i for i, x in enumerate(row) if x in stops), len(row))
-        tokens.append(row[:cut])
-    y_all = np.concatenate(ys, axis=-1)[..., :p] if ys else None
-    return tokens, y_all, cache
+        ys = [
+            np.asarray(_gate_predictions(probe_gates, k_pre, jnp.asarray(pos_BP[:, s : s + chunk])))
+            for s, k_pre in zip(range(0, p, chunk), res.probes)
+        ]
+        y_all = np.concatenate(ys, axis=-1)[..., :p]
+    tokens = [t[:-1] if t and t[-1] in stops else t for t in res.tokens]
+    return tokens, y_all, res.cache
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
 def evaluate_needle(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     tokenizer: Any,
     policy_fn: PolicyFn,
     prompts: Sequence[NeedlePrompt],
@@ -420,6 +341,7 @@ def evaluate_needle(
     per-layer needle score (usually the same gates). oracle_fn(prompt) -> true log4 lifespans
     [L, K, len(ids) + len(question)] for oracle layers (and the true needle score).
     """
+    cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     start = time.perf_counter()
     by_context: dict[int, list[NeedlePrompt]] = {}
@@ -427,52 +349,24 @@ def evaluate_needle(
         by_context.setdefault(x.context, []).append(x)
     cells, gate_scores, true_scores, memory = [], [], [], {}
     pol_name = name
-    for ctx, group in by_context.items():
+    for ctx, group in tqdm(by_context.items(), desc="needle", disable=not progress, leave=False):
         if ctx > cfg.max_position:
             raise ValueError(f"context {ctx} exceeds the model's {cfg.max_position} tokens")
         policy = policy_fn(ctx).resolve(ctx)
         pol_name = pol_name or policy.name
         if policy.needs_gates and gates is None:
             raise ValueError(f"policy {policy.name!r} has gated layers but no gates were given")
-        oracle = None
-        if policy.needs_oracle or oracle_fn is not None:
-            if oracle_fn is None:
-                raise ValueError(f"policy {policy.name!r} has oracle layers but no oracle_fn")
-            oracle = np.stack([oracle_fn(x) for x in group], axis=1)  # [L, B, K, P + Q]
+        oracle = _group_oracle(policy, group, oracle_fn)
+        run = dict(chunk=chunk, max_new_tokens=max_new_tokens, stops=stops, gates=gates)
         tokens, y, cache = _run_batch(
-            params,
-            cfg,
-            policy,
-            group,
-            chunk=chunk,
-            max_new_tokens=max_new_tokens,
-            stops=stops,
-            gates=gates,
-            oracle_LBKT=oracle,
-            probe_gates=probe_gates,
-            progress=progress,
-            desc=f"needle {pol_name} {ctx}",
+            model, policy, group, oracle_LBKT=oracle, probe_gates=probe_gates, **run
         )
-        itemsize = jnp.dtype(params["embed"].dtype).itemsize
+        itemsize = jnp.dtype(model.dtype).itemsize
         full = 2 * cfg.num_layers * len(group) * cfg.num_kv_heads * ctx * cfg.head_dim * itemsize
         memory[ctx] = cache.kv_bytes() / full
-        for i, (x, toks) in enumerate(zip(group, tokens)):
-            answer = tokenizer.decode(toks, skip_special_tokens=True)
-            a, e = x.needle_span
-            cells.append(
-                {
-                    "context": ctx,
-                    "depth": x.depth,
-                    "depth_actual": round(x.depth_actual, 6),
-                    "number": x.number,
-                    "answer": answer,
-                    "correct": score_answer(answer, x.number),
-                }
-            )
-            if y is not None:
-                gate_scores.append(y[:, i, :, a:e].mean(axis=-1))  # [L, K]
-            if oracle is not None:
-                true_scores.append(oracle[:, i, :, a:e].mean(axis=-1))
+        cells += [_cell(tokenizer, x, toks) for x, toks in zip(group, tokens)]
+        gate_scores += _span_means(y, group)
+        true_scores += _span_means(oracle, group)
 
     def avg(xs):
         return np.mean(xs, axis=0).round(6).tolist() if xs else None
@@ -488,8 +382,40 @@ def evaluate_needle(
     )
 
 
+def _group_oracle(policy: PolicyConfig, group, oracle_fn) -> np.ndarray | None:
+    """True log4 lifespans [L, B, P + Q] of a batch's prompts, when the policy or the
+    report needs them."""
+    if not policy.needs_oracle and oracle_fn is None:
+        return None
+    if oracle_fn is None:
+        raise ValueError(f"policy {policy.name!r} has oracle layers but no oracle_fn")
+    return np.stack([oracle_fn(x) for x in group], axis=1)  # [L, B, K, P + Q]
+
+
+def _cell(tokenizer: Any, x: NeedlePrompt, toks: list[int]) -> dict[str, Any]:
+    answer = tokenizer.decode(toks, skip_special_tokens=True)
+    return {
+        "context": x.context,
+        "depth": x.depth,
+        "depth_actual": round(x.depth_actual, 6),
+        "number": x.number,
+        "answer": answer,
+        "correct": score_answer(answer, x.number),
+    }
+
+
+def _span_means(y_LBKT: np.ndarray | None, group) -> list[np.ndarray]:
+    """Mean score [L, K] over each prompt's needle tokens (none without scores)."""
+    if y_LBKT is None:
+        return []
+    return [
+        y_LBKT[:, i, :, x.needle_span[0] : x.needle_span[1]].mean(axis=-1)
+        for i, x in enumerate(group)
+    ]
+
+
 def needle_oracle(
-    params, cfg: ModelConfig, tau: float = 0.05, tokenizer: Any = None
+    model: Transformer, tau: float = 0.05, tokenizer: Any = None
 ) -> Callable[[NeedlePrompt], Any]:
     """oracle_fn for `evaluate_needle`: true log4 lifespans [L, K, P + Q] of a prompt's
     haystack and question keys, from a full-cache pass (eval.perplexity.oracle_scores).
@@ -507,7 +433,7 @@ def needle_oracle(
         if tokenizer is not None:
             key += tuple(encode(tokenizer, f" {x.number}."))
         if key not in memo:
-            memo[key] = oracle_scores(params, cfg, key, tau)
+            memo[key] = oracle_scores(model, key, tau)
         return memo[key][..., : len(x.ids) + len(x.question)]
 
     return fn

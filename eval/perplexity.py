@@ -24,20 +24,18 @@ import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from functools import partial
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from smartkv_jax import data as text_data
-from smartkv_jax import model
 from smartkv_jax.cache import KVCache, init_cache
-from smartkv_jax.config import ModelConfig
 from smartkv_jax.data import read_text, text_files
-from smartkv_jax.policy import PolicyConfig
+from smartkv_jax.model import Transformer
+from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.step import chunk_step, split_model
 
 PG19_DATASET = "emozilla/pg19-test"  # the PG-19 test split as parquet (text column "text")
 HUB_HOST = "huggingface.co"
@@ -140,35 +138,12 @@ def load_books(
 # ----------------------------------------------------------------------------- scoring
 
 
-@partial(jax.jit, static_argnums=(1, 2), donate_argnums=(6,))
-def _nll_chunk(
-    params,
-    cfg: ModelConfig,
-    policy: PolicyConfig,
-    tokens_BC: jax.Array,
-    pos_BC: jax.Array,
-    targets_BC: jax.Array,
-    cache: KVCache,
-    gates=None,
-    oracle_LBKC=None,
-) -> tuple[jax.Array, KVCache]:
-    """One chunk through the model: NLL (nats, float32) of each next token [B, C], cache."""
-    hidden, cache = model.forward(
-        params, cfg, policy, tokens_BC, pos_BC, cache, gates=gates, oracle_LBKC=oracle_LBKC
-    )
-    logits_BCV = model.logits(params, cfg, hidden)
-    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-    tgt_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    return lse_BC - tgt_BC, cache
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
 def streaming_nll(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     policy: PolicyConfig,
     tokens_BT: np.ndarray,
     *,
@@ -185,6 +160,7 @@ def streaming_nll(
     [L, K, ...] for gated layers. oracle_LBKT: true log4 lifespans [L, B, K, T] for oracle
     layers. Also returns the final cache (for its size).
     """
+    cfg = model.cfg
     tokens_BT = np.asarray(tokens_BT, np.int32)
     b, t = tokens_BT.shape
     if t < 2:
@@ -204,27 +180,25 @@ def streaming_nll(
     pos[:, :t] = np.arange(t, dtype=np.int32)
     targets = np.zeros((b, padded), np.int32)
     targets[:, : t - 1] = tokens_BT[:, 1:]
-    oracle = None
+    aux = {"gates": gates}
     if policy.needs_oracle:
-        oracle = np.zeros((*oracle_LBKT.shape[:3], padded), np.float32)
-        oracle[..., :t] = oracle_LBKT
-    cache = init_cache(cfg, policy, b, params["embed"].dtype)
-    params = model.split_for_cache(params, cache)
+        aux["oracle"] = jnp.asarray(oracle_LBKT, jnp.float32)
+    cache = init_cache(cfg, policy, b, model.dtype)
+    graph, state = split_model(model, cache)
     parts = []
     for s in tqdm(range(0, padded, chunk), desc=desc, disable=not progress, leave=False):
-        orc = None if oracle is None else jnp.asarray(oracle[..., s : s + chunk])
-        nll, cache = _nll_chunk(
-            params,
-            cfg,
+        out = chunk_step(
+            graph,
+            state,
             policy,
             jnp.asarray(tokens[:, s : s + chunk]),
             jnp.asarray(pos[:, s : s + chunk]),
-            jnp.asarray(targets[:, s : s + chunk]),
             cache,
-            gates,
-            orc,
+            aux,
+            targets_BC=jnp.asarray(targets[:, s : s + chunk]),
         )
-        parts.append(nll)
+        cache = out.cache
+        parts.append(out.nll)
     nll_BT = np.concatenate([np.asarray(p) for p in parts], axis=1)
     return nll_BT[:, : t - 1].astype(np.float32), cache
 
@@ -233,9 +207,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def oracle_scores(
-    params, cfg: ModelConfig, tokens_T: Sequence[int], tau: float = 0.05
-) -> np.ndarray:
+def oracle_scores(model: Transformer, tokens_T: Sequence[int], tau: float = 0.05) -> np.ndarray:
     """True log4(1 + lifespan) [L, K, T] (float32) of every key of one sequence: the scores
     of the oracle policy. Lifespans come from a full-cache pass over the sequence itself
     (train/labels.py), uncapped: the oracle knows each key's whole future in the sequence."""
@@ -245,17 +217,17 @@ def oracle_scores(
     chunk = _largest_divisor(t, 512)
     if chunk < 32:
         chunk = t
-    lab = window_labels(params, cfg, list(tokens_T), taus=(tau,), cap=t, chunk=chunk)
+    lab = window_labels(model, list(tokens_T), taus=(tau,), cap=t, chunk=chunk)
     life_TLK = lab["lifespan"][:, 0].astype(np.float32)
     return (np.log1p(life_TLK) / np.log(4.0)).transpose(1, 2, 0)
 
 
 def oracle_for_books(
-    params, cfg: ModelConfig, tokens_BT: np.ndarray, tau: float = 0.05, progress: bool = True
+    model: Transformer, tokens_BT: np.ndarray, tau: float = 0.05, progress: bool = True
 ) -> np.ndarray:
     """Oracle scores [L, B, K, T] for a batch of sequences (one `oracle_scores` per row)."""
     rows = [
-        oracle_scores(params, cfg, row, tau)
+        oracle_scores(model, row, tau)
         for row in tqdm(tokens_BT, desc="oracle lifespans", disable=not progress, leave=False)
     ]
     return np.stack(rows, axis=1)
@@ -350,8 +322,7 @@ class PerplexityResult:
 
 
 def evaluate_perplexity(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     policy: PolicyConfig,
     books: Sequence[Book],
     *,
@@ -369,8 +340,7 @@ def evaluate_perplexity(
     t = tokens.shape[1]
     start = time.perf_counter()
     nll, cache = streaming_nll(
-        params,
-        cfg,
+        model,
         policy,
         tokens,
         chunk=chunk,
@@ -380,7 +350,7 @@ def evaluate_perplexity(
         desc=desc or f"ppl {policy.name}",
     )
     seconds = time.perf_counter() - start
-    itemsize = jnp.dtype(params["embed"].dtype).itemsize
+    cfg, itemsize = model.cfg, jnp.dtype(model.dtype).itemsize
     full_bytes = 2 * cfg.num_layers * len(books) * cfg.num_kv_heads * t * cfg.head_dim * itemsize
     return PerplexityResult(
         policy=policy.name,

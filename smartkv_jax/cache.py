@@ -1,4 +1,5 @@
-"""The fixed-shape KV cache pytree and its pure operations (init, attend, insert).
+"""The fixed-shape KV cache pytree and its pure operations: init, slot choice, row writes
+(docs/design.md: the cache). Attention over it is in attention.py.
 
 Layers that share a policy (and so a capacity) form a group; a group's arrays are stacked
 on a leading layer axis so the model can run the group under one `lax.scan`. Per layer:
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import decode_attention, reference_decode_attention
-from pallas_kernels.evict import reference_evict_slots, sorted_evict_slots
-
 from .config import ModelConfig
-from .policy import PolicyConfig
+from .eviction import reference_evict_slots, sorted_evict_slots
+from .kernels import resolve_kernels
+
+if TYPE_CHECKING:  # the table imports the policies, which read caches: no runtime import
+    from .policy_table import PolicyConfig
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "score"], meta_fields=[])
@@ -38,13 +41,20 @@ class LayerCache:
         return self.pos.shape[-1]
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["groups"], meta_fields=["bounds"])
+@partial(
+    jax.tree_util.register_dataclass, data_fields=["groups"], meta_fields=["bounds", "kernels"]
+)
 @dataclasses.dataclass
 class KVCache:
-    """All layers' caches: `groups[g]` stacks layers bounds[g][0] .. bounds[g][1]-1."""
+    """All layers' caches: `groups[g]` stacks layers bounds[g][0] .. bounds[g][1]-1.
+
+    kernels: "pallas" or "reference", the implementation attention over this cache uses
+    (static: a jitted step compiles once per choice; see kernels.py).
+    """
 
     groups: tuple[LayerCache, ...]
     bounds: tuple[tuple[int, int], ...]
+    kernels: str = "reference"
 
     def nbytes(self) -> int:
         """Total bytes of every cache array (k, v, pos and score)."""
@@ -59,9 +69,14 @@ class KVCache:
 
 
 def init_cache(
-    cfg: ModelConfig, policy: PolicyConfig, batch: int, dtype: jnp.dtype = jnp.float32
+    cfg: ModelConfig,
+    policy: PolicyConfig,
+    batch: int,
+    dtype: jnp.dtype = jnp.float32,
+    kernels: str = "auto",
 ) -> KVCache:
-    """An empty cache; `policy` must be resolved (every capacity set)."""
+    """An empty cache; `policy` must be resolved (every capacity set). kernels: a mode of
+    kernels.KERNEL_MODES ("auto": Pallas on TPU, the jnp reference elsewhere)."""
     if len(policy.layers) != cfg.num_layers:
         raise ValueError(f"policy has {len(policy.layers)} layers, model has {cfg.num_layers}")
     groups, bounds = [], []
@@ -78,46 +93,7 @@ def init_cache(
             )
         )
         bounds.append((start, end))
-    return KVCache(groups=tuple(groups), bounds=tuple(bounds))
-
-
-def attend(
-    cache: LayerCache,
-    visible_pos_BKS: jax.Array,
-    q_BHCD: jax.Array,
-    k_BKCD: jax.Array,
-    v_BKCD: jax.Array,
-    pos_BC: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Attention of a chunk of C new queries over the cache plus the chunk's own keys.
-
-    The cache part and the causal chunk part are computed separately and merged by their
-    log-sum-exps, so the chunk never has to be copied into the cache first.
-    Returns (out_BHCD float32, lse_BHC float32); lse is -inf for padding queries.
-    """
-    b, h, c, d = q_BHCD.shape
-    kh = k_BKCD.shape[1]
-    g = h // kh
-    scale = d**-0.5
-    attend_cache = (
-        decode_attention if jax.default_backend() == "tpu" else reference_decode_attention
-    )
-    out_c, lse_c = attend_cache(q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC, scale=scale)
-    qg = q_BHCD.reshape(b, kh, g, c, d).astype(jnp.float32)
-    logits = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
-    ok = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])  # [B, Cq, Ck]
-    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
-    lse_n = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, Cq]
-    safe_n = jnp.where(jnp.isfinite(lse_n), lse_n, 0.0)
-    p_n = jnp.exp(logits - safe_n[..., None])
-    out_n = jnp.einsum("bkgqc,bkcd->bkgqd", p_n, v_BKCD.astype(jnp.float32))
-    lse_n = lse_n.reshape(b, h, c)
-    out_n = out_n.reshape(b, h, c, d)
-    lse = jnp.logaddexp(lse_c, lse_n)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w_c = jnp.where(jnp.isfinite(lse_c), jnp.exp(lse_c - safe), 0.0)[..., None]
-    w_n = jnp.where(jnp.isfinite(lse_n), jnp.exp(lse_n - safe), 0.0)[..., None]
-    return w_c * out_c + w_n * out_n, lse
+    return KVCache(groups=tuple(groups), bounds=tuple(bounds), kernels=resolve_kernels(kernels))
 
 
 def choose_slots(
@@ -172,34 +148,3 @@ def write_rows(
     return LayerCache(
         k=write(group.k, k_LBKCD), v=write(group.v, v_LBKCD), pos=pos_LBKS, score=score_LBKS
     )
-
-
-def attention_mass(
-    cache: LayerCache,
-    visible_pos_BKS: jax.Array,
-    q_BHCD: jax.Array,
-    k_BKCD: jax.Array,
-    pos_BC: jax.Array,
-    lse_BHC: jax.Array,
-    weight_BC: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Attention probability paid to each cache slot and each new token, summed over the
-    query heads of each KV group and over the chunk's queries weighted by weight_BC.
-
-    Returns (mass_BKS, mass_BKC) float32, for attention-scored policies (H2O, TOVA, SnapKV).
-    """
-    b, h, c, d = q_BHCD.shape
-    kh = k_BKCD.shape[1]
-    scale = d**-0.5
-    qg = q_BHCD.reshape(b, kh, h // kh, c, d).astype(jnp.float32)
-    lse = jnp.where(jnp.isfinite(lse_BHC), lse_BHC, jnp.inf).reshape(b, kh, h // kh, c, 1)
-    w = weight_BC.astype(jnp.float32)[:, None, None, :, None]
-    s_c = jnp.einsum("bkgqd,bksd->bkgqs", qg, cache.k.astype(jnp.float32)) * scale
-    ok_c = (visible_pos_BKS[:, :, None, None, :] >= 0) & (
-        visible_pos_BKS[:, :, None, None, :] <= pos_BC[:, None, None, :, None]
-    )
-    mass_c = jnp.sum(jnp.where(ok_c, jnp.exp(s_c - lse), 0.0) * w, axis=(2, 3))
-    s_n = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
-    ok_n = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])
-    mass_n = jnp.sum(jnp.where(ok_n[:, None, None], jnp.exp(s_n - lse), 0.0) * w, axis=(2, 3))
-    return mass_c, mass_n

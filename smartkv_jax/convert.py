@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints -> (ModelConfig, params, tokenizer).
+"""Hugging Face checkpoints -> (ModelConfig, Transformer, tokenizer).
 
 Sources: a local directory (config.json + *.safetensors), a hub id (downloaded when the
 network allows), a GGUF file (dequantized with the gguf package), or "smollm2", the GGUF
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
-from .model import Params
+from .model import Transformer
 
 DEFAULT_MODEL = "smollm2"
 
@@ -30,10 +30,13 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class LoadedModel:
-    cfg: ModelConfig
-    params: Params
+    model: Transformer
     tokenizer: object  # a transformers tokenizer
     source: str
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
 
 
 # Our layer leaf -> (HF name suffix, GGUF name suffix, transpose?)
@@ -60,7 +63,7 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every params leaf, keyed "embed", "layers/wq", ... (layer axis first)."""
+    """Shape of every weight, keyed "embed", "layers/wq", ... (layer axis first)."""
     e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     hd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {
@@ -96,15 +99,15 @@ def _name_map(cfg: ModelConfig, gguf: bool) -> dict[str, tuple[str, int | None, 
     return out
 
 
-def assemble_params(
+def assemble_model(
     cfg: ModelConfig,
     tensors: Iterator[tuple[str, np.ndarray]],
     *,
     gguf: bool,
     dtype: jnp.dtype = jnp.float32,
     fixup: Callable[[str, np.ndarray], np.ndarray] | None = None,
-) -> Params:
-    """Place named checkpoint tensors ([out, in] like PyTorch) into our params pytree."""
+) -> Transformer:
+    """Place named checkpoint tensors ([out, in] like PyTorch) into our model's weights."""
     names = _name_map(cfg, gguf)
     shapes = expected_shapes(cfg)
     buffers = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
@@ -140,13 +143,13 @@ def assemble_params(
         if missing:
             where = "" if missing == {None} else f" for layers {sorted(missing)[:8]}"
             raise CheckpointError(f"checkpoint has no tensor for {leaf}{where}")
-    params: Params = {"layers": {}}
+    weights: dict = {"layers": {}}
     for key, buf in buffers.items():
         if key.startswith("layers/"):
-            params["layers"][key.split("/", 1)[1]] = jnp.asarray(buf, dtype)
+            weights["layers"][key.split("/", 1)[1]] = jnp.asarray(buf, dtype)
         else:
-            params[key] = jnp.asarray(buf, dtype)
-    return params
+            weights[key] = jnp.asarray(buf, dtype)
+    return Transformer.from_weights(cfg, weights)
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -209,9 +212,9 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loaded
             shape = tuple(int(s) for s in reversed(t.shape.tolist()))
             yield t.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
 
-    params = assemble_params(cfg, tensors(), gguf=True, dtype=dtype, fixup=fix)
+    model = assemble_model(cfg, tensors(), gguf=True, dtype=dtype, fixup=fix)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return LoadedModel(cfg, params, tokenizer, str(path))
+    return LoadedModel(model, tokenizer, str(path))
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
@@ -244,12 +247,12 @@ def load_hf_dir(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Load
             except Exception as err:
                 raise CheckpointError(f"cannot read {f}: {err}") from err
 
-    params = assemble_params(cfg, tensors(), gguf=False, dtype=dtype)
+    model = assemble_model(cfg, tensors(), gguf=False, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception:  # a weights-only directory (as in tests) has no tokenizer
         tokenizer = None
-    return LoadedModel(cfg, params, tokenizer, str(path))
+    return LoadedModel(model, tokenizer, str(path))
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

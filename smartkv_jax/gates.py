@@ -1,42 +1,65 @@
 """Lifespan gates: one tiny MLP per (layer, KV head) predicting a key's log4 lifespan.
 
 A gate reads the pre-RoPE key of its head and the key's absolute position and returns
-`yhat = log4(1 + predicted lifespan)` (DESIGN.md: gate, label). All gates of a model are one
-pytree, `Gates`, whose every leaf has leading axes [L, K] (layers, KV heads):
+`yhat = log4(1 + predicted lifespan)` (docs/design.md: gate, label). All gates of a model are
+one Flax NNX module, `Gates`, whose every leaf has leading axes [L, K] (layers, KV heads):
 
-    norm["key_mu"], norm["key_sigma"]          [L, K, D]  per-head standardisation of the key
-    norm["lognorm_mu"], norm["lognorm_sigma"]  [L, K]     standardisation of log ||key||
-    norm["y_mu"], norm["y_sigma"]              [L, K]     label scale: the MLP predicts
-                                                          (y - y_mu) / y_sigma
+    norm["key_mu"], norm["key_sigma"]          [L, K, D]    per-head standardisation of the key
+    norm["lognorm_mu"], norm["lognorm_sigma"]  [L, K]       standardisation of log ||key||
+    norm["pair_mu"], norm["pair_sigma"]        [L, K, D/2]  standardisation of log pair norms
+    norm["y_mu"], norm["y_sigma"]              [L, K]       label scale: the MLP predicts
+                                                            (y - y_mu) / y_sigma
     w_in [L, K, F, H], b_in [L, K, H]          hidden layer (None when hidden == 0)
     w_out [L, K, H] (or [L, K, F]), b_out [L, K]
 
-`norm` holds statistics of the training keys and labels (`set_normalization`), not weights:
-the apply functions stop their gradient and the trainer freezes them. Features of one key
-(F = `GateConfig.num_features`):
+The weights are `nnx.Param`s; `norm` holds `GateStat`s, statistics of the training keys and
+labels (`set_normalization`), not weights: `nnx.state(gates, nnx.Param)` leaves them out, the
+apply functions stop their gradient and the trainer never updates them. Every variable names
+its logical axes in its `out_sharding` metadata (smartkv_jax/sharding.py maps them to the
+mesh). The checkpoint payload is the nested dict `to_state()` returns (`from_state` reads it).
+
+Features of one key (F = `GateConfig.num_features`):
 
     (key - key_mu) / key_sigma                       D values
     (log ||key|| - lognorm_mu) / lognorm_sigma       1 value          (key_norm=True)
+    (log pair norms - pair_mu) / pair_sigma          D/2 values       (pair_norms != "none")
     log1p(min(pos, pos_clip)) / log1p(pos_clip)      1 value          (position=True)
     one-hot of pos for pos < n_sinks                 n_sinks values   (position=True)
 
 Positions past `pos_clip` read as `pos_clip`: a gate trained on windows of T tokens answers
 the same for every key deep in a longer context.
+
+The math is generic over the leading head axes: `apply_head` takes leaves without head axes,
+`apply_heads` one flat axis [G, ...], `apply_layer` one layer [K, ...] (`layer_params`, a
+`lax.scan` slice, or `predict_layer` on a sliced `nnx.split` state), `apply_all` [L, K, ...].
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 ACTIVATIONS = ("gelu", "relu", "tanh", "silu")
 PAIRINGS = ("none", "half", "interleaved")  # how RoPE pairs the key's coordinates
+LK = ("layers", "kv_heads")
+# Logical axes of every statistic in the whole-model layout (the pair axis D/2 is unnamed).
+STAT_AXES = {
+    "key_mu": (*LK, "head_dim"),
+    "key_sigma": (*LK, "head_dim"),
+    "lognorm_mu": LK,
+    "lognorm_sigma": LK,
+    "pair_mu": (*LK, None),
+    "pair_sigma": (*LK, None),
+    "y_mu": LK,
+    "y_sigma": LK,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +68,8 @@ class GateConfig:
 
     hidden: width of the hidden layer (0: a linear gate on the features).
     key_norm: add the standardised log of the key's L2 norm as a feature.
+    pair_norms: add the standardised log length of every RoPE coordinate pair ("half" or
+        "interleaved" pairing, see `log_pair_norms`; "none": no such features).
     position: add log1p(position) (clipped at `pos_clip`) and a one-hot of the sink positions
         0..n_sinks-1 as features.
     activation: nonlinearity of the hidden layer.
@@ -112,44 +137,59 @@ class GateConfig:
         return cls(**d)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["norm", "w_in", "b_in", "w_out", "b_out"],
-    meta_fields=["cfg"],
-)
-@dataclasses.dataclass(frozen=True)
-class Gates:
-    """Parameters of all gates of a model (a pytree; `cfg` is static metadata, not a leaf).
+class GateStat(nnx.Variable):
+    """A normalisation statistic of the training keys or labels: module state that is not a
+    weight, so `nnx.state(gates, nnx.Param)` and the trainer's optimiser leave it out."""
 
-    Leaves carry head axes in front: [L, K, ...] for a whole model (`init_gates`), [K, ...]
-    for one layer (`layer_params`, or a slice taken by `lax.scan` over stacked layers), or one
-    flat axis [G, ...] while training (`flatten_heads`). `w_in`/`b_in` are None for a linear
-    gate (hidden == 0).
+
+def _param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Gates(nnx.Module):
+    """All gates of a model (see the module docstring for the leaves; `cfg` is static).
+
+    Built with leaves [L, K, ...] (`init_gates`, `from_state`); `layer_params`,
+    `flatten_heads` and `unflatten_heads` give the [K, ...] and flat [G, ...] layouts (a
+    `lax.scan` over the module or its state hands its body [K, ...] slices that keep the
+    whole-model axis names). `w_in`/`b_in` are None for a linear gate (hidden == 0).
     """
 
-    cfg: GateConfig
-    norm: dict[str, jax.Array]
-    w_in: jax.Array | None  # [.., F, H]
-    b_in: jax.Array | None  # [.., H]
-    w_out: jax.Array  # [.., H] (or [.., F] when linear)
-    b_out: jax.Array  # [..]
+    def __init__(
+        self,
+        cfg: GateConfig,
+        norm: dict[str, Any],
+        w_in: jax.Array | None,  # [L, K, F, H]
+        b_in: jax.Array | None,  # [L, K, H]
+        w_out: jax.Array,  # [L, K, H] (or [L, K, F] when linear)
+        b_out: jax.Array,  # [L, K]
+    ):
+        self.cfg = cfg
+        self.norm = nnx.Dict(
+            {
+                n: GateStat(v, out_sharding=STAT_AXES[n], eager_sharding=False)
+                for n, v in norm.items()
+            }
+        )
+        hidden_axis = "hidden" if cfg.hidden else "features"
+        self.w_in = None if w_in is None else _param(w_in, (*LK, "features", "hidden"))
+        self.b_in = None if b_in is None else _param(b_in, (*LK, "hidden"))
+        self.w_out = _param(w_out, (*LK, hidden_axis))
+        self.b_out = _param(b_out, LK)
+
+    def __call__(self, keys_NLKD: jax.Array, pos_N: jax.Array) -> jax.Array:
+        """Predicted log4 lifespan yhat_NLK of N keys in every layer and KV head (`apply_all`)."""
+        return apply_all(self, keys_NLKD, pos_N)
 
     def to_state(self) -> dict[str, Any]:
-        """Plain nested dict of the leaves (for checkpoints); inverse: `Gates.from_state`."""
-        state = {"norm": dict(self.norm), "w_out": self.w_out, "b_out": self.b_out}
-        if self.w_in is not None:
-            state.update(w_in=self.w_in, b_in=self.b_in)
-        return state
+        """The checkpoint payload: {"norm": {name: array}, "w_in", "b_in", "w_out", "b_out"}
+        (no w_in/b_in when linear); inverse: `Gates.from_state`."""
+        return nnx.to_pure_dict(nnx.state(self))
 
     @classmethod
     def from_state(cls, cfg: GateConfig, state: dict[str, Any]) -> Gates:
         return cls(
-            cfg=cfg,
-            norm=dict(state["norm"]),
-            w_in=state.get("w_in"),
-            b_in=state.get("b_in"),
-            w_out=state["w_out"],
-            b_out=state["b_out"],
+            cfg, state["norm"], state.get("w_in"), state.get("b_in"), state["w_out"], state["b_out"]
         )
 
 
@@ -188,7 +228,8 @@ def set_normalization(params: Gates, stats: dict[str, Any]) -> Gates:
     """Copy of `params` with `norm` statistics replaced by `stats` (names as in `Gates.norm`,
     shapes matching the current leaves). Missing names keep their value; sigmas are floored
     at 1e-6."""
-    norm = dict(params.norm)
+    state = params.to_state()
+    norm = state["norm"]
     for name, value in stats.items():
         if name not in norm:
             raise KeyError(f"unknown normalisation statistic {name!r}; known: {sorted(norm)}")
@@ -198,7 +239,7 @@ def set_normalization(params: Gates, stats: dict[str, Any]) -> Gates:
         if name.endswith("sigma"):
             value = jnp.maximum(value, 1e-6)
         norm[name] = value
-    return dataclasses.replace(params, norm=norm)
+    return Gates.from_state(params.cfg, state)
 
 
 def _features(cfg: GateConfig, norm: dict, k_pre_ND: jax.Array, pos_N: jax.Array) -> jax.Array:
@@ -240,13 +281,13 @@ def _activation(name: str):
 def apply_head(p_head: Gates, k_pre_ND: jax.Array, pos_N: jax.Array) -> jax.Array:
     """Predicted log4 lifespan yhat_N of N keys [N, D] of one head (leaves without head axes)."""
     cfg = p_head.cfg
-    norm = jax.lax.stop_gradient(p_head.norm)  # statistics, not weights
+    norm = {n: jax.lax.stop_gradient(v[...]) for n, v in p_head.norm.items()}  # not weights
     x_NF = _features(cfg, norm, k_pre_ND, pos_N)
     if cfg.hidden == 0:
-        z_N = x_NF @ p_head.w_out + p_head.b_out
+        z_N = x_NF @ p_head.w_out[...] + p_head.b_out[...]
     else:
-        h_NH = _activation(cfg.activation)(x_NF @ p_head.w_in + p_head.b_in)
-        z_N = h_NH @ p_head.w_out + p_head.b_out
+        h_NH = _activation(cfg.activation)(x_NF @ p_head.w_in[...] + p_head.b_in[...])
+        z_N = h_NH @ p_head.w_out[...] + p_head.b_out[...]
     return norm["y_mu"] + norm["y_sigma"] * z_N
 
 
@@ -268,6 +309,14 @@ def apply_layer(params_K: Gates, k_pre_BKCD: jax.Array, pos_BC: jax.Array) -> ja
     return y_NK.reshape(b, c, k).transpose(0, 2, 1)
 
 
+def predict_layer(
+    graphdef: nnx.GraphDef, state_K: nnx.State, k_pre_BKCD: jax.Array, pos_BC: jax.Array
+) -> jax.Array:
+    """`apply_layer` on split gates: (graphdef, state) = nnx.split(gates) with every leaf of
+    `state` sliced to one layer ([K, ...], e.g. by a `lax.scan` over the state). -> yhat_BKC."""
+    return apply_layer(nnx.merge(graphdef, state_K), k_pre_BKCD, pos_BC)
+
+
 def apply_all(params: Gates, keys_NLKD: jax.Array, pos_N: jax.Array) -> jax.Array:
     """Predicted log4 lifespan yhat_NLK (float32) of N keys in every layer and KV head.
 
@@ -277,14 +326,24 @@ def apply_all(params: Gates, keys_NLKD: jax.Array, pos_N: jax.Array) -> jax.Arra
     return jax.vmap(apply_heads, in_axes=(0, 1, None), out_axes=1)(params, keys_NLKD, pos_N)
 
 
+def _map_leaves(g: Gates, fn: Callable, axes_fn: Callable) -> Gates:
+    """Copy of `g` with `fn` applied to every leaf and `axes_fn` to its logical axis names."""
+    return jax.tree.map(
+        lambda v: v.replace(fn(v[...]), out_sharding=axes_fn(v.get_metadata("out_sharding"))),
+        g,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
 def layer_params(params: Gates, layer: int) -> Gates:
     """One layer's gates: leaves [K, ...]."""
-    return jax.tree.map(lambda a: a[layer], params)
+    return _map_leaves(params, lambda a: a[layer], lambda axes: axes[1:])
 
 
 def flatten_heads(params: Gates, pad_to: int | None = None) -> Gates:
-    """Leaves [L, K, ...] -> [G, ...] with G = L*K, padded to `pad_to` heads by repeating head
-    0 (padding heads are inert: the trainer gives them zero loss weight and drops them)."""
+    """Leaves [L, K, ...] -> [G, ...] with G = L*K (logical axis "heads"), padded to `pad_to`
+    heads by repeating head 0 (padding heads are inert: the trainer gives them zero loss
+    weight and drops them)."""
 
     def one(a):
         a = a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
@@ -293,16 +352,19 @@ def flatten_heads(params: Gates, pad_to: int | None = None) -> Gates:
             a = jnp.concatenate([a, pad], axis=0)
         return a
 
-    return jax.tree.map(one, params)
+    return _map_leaves(params, one, lambda axes: ("heads", *axes[2:]))
 
 
 def unflatten_heads(params_G: Gates) -> Gates:
     """Inverse of `flatten_heads`: leaves [G(+pad), ...] -> [L, K, ...] (padding dropped)."""
     nl, nk = params_G.cfg.num_layers, params_G.cfg.num_kv_heads
-    return jax.tree.map(lambda a: a[: nl * nk].reshape(nl, nk, *a.shape[1:]), params_G)
+    return _map_leaves(
+        params_G,
+        lambda a: a[: nl * nk].reshape(nl, nk, *a.shape[1:]),
+        lambda axes: (*LK, *axes[1:]),
+    )
 
 
 def num_params(params: Gates) -> int:
     """Number of trained parameters (normalisation statistics excluded)."""
-    leaves = jax.tree.leaves(dataclasses.replace(params, norm={}))
-    return int(sum(np.prod(a.shape) for a in leaves))
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(nnx.state(params, nnx.Param))))

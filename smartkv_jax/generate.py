@@ -1,4 +1,5 @@
-"""Jitted generation: chunked prefill, then a decode loop inside one `lax.while_loop`.
+"""Jitted generation: chunked prefill through `chunk_step`, then a decode loop inside one
+`lax.while_loop` over a named `DecodeState` (docs/design.md: data flow).
 
 Prompts of different lengths are right-padded to a common bucket; every token carries its
 own position (-1 = padding), so rows never need aligning and the cache stores positions
@@ -12,37 +13,33 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from . import model
 from .cache import KVCache, init_cache
-from .config import ModelConfig
-from .policy import PolicyConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"invalid sampling settings: {self}")
+from .model import Probe, Transformer
+from .policy_table import PolicyConfig
+from .sampling import GREEDY, SamplingConfig, sample
+from .step import chunk_step, split_model
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    tokens: list[list[int]]  # new tokens per prompt, cut after the first stop token
-    prefill_s: float  # chunked prefill + first token (includes compiling on first use)
-    decode_s: float  # the decode loop alone (compiled beforehand)
-    decode_steps: int  # decode forward passes run (batch rows each)
+    """tokens: new tokens per prompt, cut after the first stop token. prefill_s: chunked
+    prefill + first token (includes compiling on first use). decode_s: the decode loop alone
+    (compiled beforehand). decode_steps: decode forward passes run (batch rows each).
+    probes: with a probe, its outputs for each prefill chunk (layer axis first)."""
+
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
     cache: KVCache
+    probes: list[Any] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -50,85 +47,61 @@ class GenerationResult:
         return len(self.tokens) * self.decode_steps / max(self.decode_s, 1e-9)
 
 
-def sample(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """Next token per row [B] int32 from float32 logits."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits_BV, -1).astype(jnp.int32)
-    logits = logits_BV / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        order = jnp.argsort(-logits, -1)
-        sorted_logits = jnp.take_along_axis(logits, order, -1)
-        probs = jax.nn.softmax(sorted_logits, -1)
-        # keep the smallest prefix whose mass reaches top_p (always the first token)
-        drop_sorted = (jnp.cumsum(probs, -1) - probs) >= sampling.top_p
-        drop = (
-            jnp.zeros_like(drop_sorted)
-            .at[jnp.arange(order.shape[0])[:, None], order]
-            .set(drop_sorted)
-        )
-        logits = jnp.where(drop, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["step", "token", "pos", "cache", "key", "done", "out"],
+    meta_fields=[],
+)
+@dataclasses.dataclass
+class DecodeState:
+    """The decode loop's carry. step: decode steps run (int32). token: last token [B].
+    pos: its position [B]. key: PRNG key. done: [B] rows that emitted a stop token.
+    out: [B, N] int32 tokens so far (column 0: the first token, from the prefill)."""
+
+    step: jax.Array
+    token: jax.Array
+    pos: jax.Array
+    cache: KVCache
+    key: jax.Array
+    done: jax.Array
+    out: jax.Array
 
 
-@partial(jax.jit, static_argnums=(1, 2), donate_argnums=(5,))
-def forward_chunk(
-    params,
-    cfg: ModelConfig,
-    policy: PolicyConfig,
-    tokens_BC,
-    pos_BC,
-    cache,
-    gates=None,
-    oracle_LBKC=None,
-):
-    """One jitted chunk through the model: (hidden [B, C, E], cache)."""
-    return model.forward(
-        params, cfg, policy, tokens_BC, pos_BC, cache, gates=gates, oracle_LBKC=oracle_LBKC
-    )
-
-
-@partial(jax.jit, static_argnums=(1, 2, 3, 4), donate_argnums=(5,))
-def _decode_loop(
-    params,
-    cfg: ModelConfig,
+@partial(
+    jax.jit, static_argnames=("graph", "policy", "sampling", "stops"), donate_argnames=("state",)
+)
+def decode_loop(
+    graph: nnx.GraphDef,
+    params: nnx.State,
     policy: PolicyConfig,
     sampling: SamplingConfig,
-    stop_tokens: tuple[int, ...],
-    cache: KVCache,
-    first_B: jax.Array,
-    pos_B: jax.Array,
+    stops: tuple[int, ...],
+    state: DecodeState,
     n_steps: jax.Array,
-    key: jax.Array,
-    out_BN: jax.Array,
-    gates=None,
-):
+    aux: dict[str, Any] | None = None,
+) -> DecodeState:
     """Feed back sampled tokens until n_steps are done or every row has stopped."""
-    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
-    params = model.split_for_cache(params, cache)
+    model = nnx.merge(graph, params)
+    stop_ids = jnp.asarray(stops or (-1,), jnp.int32)
 
-    def cond(carry):
-        i, _, _, _, _, done, _ = carry
-        return (i < n_steps) & ~jnp.all(done)
+    def cond(s: DecodeState):
+        return (s.step < n_steps) & ~jnp.all(s.done)
 
-    def body(carry):
-        i, tok, pos, cache, key, done, out = carry
-        hidden, cache = model.forward(
-            params, cfg, policy, tok[:, None], pos[:, None], cache, gates=gates
+    def body(s: DecodeState) -> DecodeState:
+        out = model(s.token[:, None], s.pos[:, None], s.cache, policy, aux)
+        key, sub = jax.random.split(s.key)
+        nxt = sample(model.logits(out.hidden[:, 0]), sub, sampling)
+        return DecodeState(
+            step=s.step + 1,
+            token=nxt,
+            pos=s.pos + 1,
+            cache=out.cache,
+            key=key,
+            done=s.done | jnp.isin(nxt, stop_ids),
+            out=s.out.at[:, s.step + 1].set(nxt),
         )
-        key, sub = jax.random.split(key)
-        nxt = sample(model.logits(params, cfg, hidden[:, 0]), sub, sampling)
-        out = out.at[:, i + 1].set(nxt)
-        done = done | jnp.isin(nxt, stops)
-        return i + 1, nxt, pos + 1, cache, key, done, out
 
-    done0 = jnp.isin(first_B, stops)
-    out_BN = out_BN.at[:, 0].set(first_B)
-    carry = (jnp.int32(0), first_B, pos_B, cache, key, done0, out_BN)
-    i, _, _, cache, _, _, out = jax.lax.while_loop(cond, body, carry)
-    return out, i, cache
+    return jax.lax.while_loop(cond, body, state)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -139,103 +112,142 @@ def _pow2_at_least(x: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(x, 1) - 1).bit_length())
 
 
+def _segment_arrays(segment: Sequence[Sequence[int]], start_B: np.ndarray, chunk: int):
+    """One segment's rows right-padded to a multiple of `chunk`: tokens and positions
+    [B, padded] (positions continue from start_B, -1 = padding)."""
+    lengths = np.array([len(p) for p in segment])
+    padded = _round_up(max(int(lengths.max()), 1), chunk)
+    tokens = np.zeros((len(segment), padded), np.int32)
+    pos = np.full((len(segment), padded), -1, np.int32)
+    for b, p in enumerate(segment):
+        tokens[b, : len(p)] = p
+        pos[b, : len(p)] = start_B[b] + np.arange(len(p))
+    return tokens, pos, lengths
+
+
 def prefill(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     policy: PolicyConfig,
-    prompts: Sequence[Sequence[int]],
+    segments: Sequence[Sequence[Sequence[int]]],
     cache: KVCache,
     chunk: int,
-    gates=None,
-) -> tuple[jax.Array, KVCache]:
-    """Feed right-padded prompts chunk by chunk. Returns each row's last hidden [B, E]."""
-    lengths = np.array([len(p) for p in prompts])
-    padded = _round_up(int(lengths.max()), chunk)
-    tokens = np.zeros((len(prompts), padded), np.int32)
-    pos = np.full((len(prompts), padded), -1, np.int32)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = p
-        pos[b, : len(p)] = np.arange(len(p))
-    last = np.zeros((len(prompts), cfg.hidden_size), np.float32)
-    last = jnp.asarray(last, params["embed"].dtype)
-    for s in range(0, padded, chunk):
-        hidden, cache = forward_chunk(
-            params,
-            cfg,
-            policy,
-            jnp.asarray(tokens[:, s : s + chunk]),
-            jnp.asarray(pos[:, s : s + chunk]),
-            cache,
-            gates,
+    aux: dict[str, Any] | None = None,
+    probe: Probe | None = None,
+) -> tuple[jax.Array, KVCache, list[Any]]:
+    """Feed the prompts chunk by chunk. segments[s][b] is row b's part s: each segment
+    starts a fresh chunk (say a long context, compressed to the budget before a question is
+    read), positions run on across segments. Returns the logits after each row's last token
+    [B, V], the cache and the probe's outputs per chunk (empty without a probe)."""
+    graph, state = split_model(model, cache)
+    rows = len(segments[0])
+    start = np.zeros(rows, np.int64)
+    logits, probes = None, []
+    for segment in segments:
+        tokens, pos, lengths = _segment_arrays(segment, start, chunk)
+        for s in range(0, tokens.shape[1], chunk):
+            idx = lengths - 1 - s
+            out = chunk_step(
+                graph,
+                state,
+                policy,
+                jnp.asarray(tokens[:, s : s + chunk]),
+                jnp.asarray(pos[:, s : s + chunk]),
+                cache,
+                aux,
+                select_B=jnp.asarray(np.clip(idx, 0, chunk - 1), jnp.int32),
+                probe=probe,
+            )
+            cache = out.cache
+            here = jnp.asarray((idx >= 0) & (idx < chunk))[:, None]
+            logits = out.logits if logits is None else jnp.where(here, out.logits, logits)
+            if probe is not None:
+                probes.append(out.probes)
+        start = start + lengths
+    return logits, cache, probes
+
+
+def _check_request(model: Transformer, prompts, context, max_new_tokens: int) -> int:
+    """Longest prompt (with its context) in tokens, after checking the request."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if context is not None and len(context) != len(prompts):
+        raise ValueError(f"{len(context)} contexts for {len(prompts)} prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) + (len(context[i]) if context else 0) for i, p in enumerate(prompts))
+    if longest + max_new_tokens > model.cfg.max_position:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context limit of {model.cfg.max_position} tokens"
         )
-        idx = lengths - 1 - s
-        here = (idx >= 0) & (idx < chunk)
-        if here.any():
-            picked = hidden[jnp.arange(len(prompts)), jnp.asarray(np.clip(idx, 0, chunk - 1))]
-            last = jnp.where(jnp.asarray(here)[:, None], picked, last)
-    return last, cache
+    return longest
+
+
+def _cut_at_stop(out_BN: np.ndarray, steps: int, stops: tuple[int, ...]) -> list[list[int]]:
+    tokens = []
+    for row in out_BN[:, : steps + 1].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        tokens.append(row[:cut])
+    return tokens
 
 
 def generate(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
     policy: PolicyConfig | None = None,
-    gates=None,
-    sampling: SamplingConfig = SamplingConfig(),
+    aux: dict[str, Any] | None = None,
+    sampling: SamplingConfig = GREEDY,
     stop_tokens: Sequence[int] | None = None,
     chunk: int = 256,
     seed: int = 0,
+    context: Sequence[Sequence[int]] | None = None,
+    probe: Probe | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids).
 
     `policy` sets each layer's cache policy and capacity; by default every layer keeps the
-    whole sequence. Gated layers need `gates` (see smartkv_jax.gates). `stop_tokens`
-    defaults to the model's EOS ids.
+    whole sequence. aux: the side inputs its layers need ({"gates": Gates} for gated layers,
+    see smartkv_jax/gates.py). `stop_tokens` defaults to the model's EOS ids. context: text
+    read before each prompt in chunks of its own, so the cache is compressed to its budget
+    before the prompt is seen. probe: collect a probe's outputs over the prefill chunks.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_position:
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's context limit of {cfg.max_position} tokens"
-        )
+    longest = _check_request(model, prompts, context, max_new_tokens)
     chunk = min(chunk, _pow2_at_least(longest))
     n_out = _pow2_at_least(max_new_tokens)
     max_len = _round_up(_round_up(longest, chunk) + n_out, 256)
-    policy = (policy or PolicyConfig.uniform(cfg.num_layers)).resolve(max_len)
+    policy = (policy or PolicyConfig.uniform(model.cfg.num_layers)).resolve(max_len)
+    cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
-    cache = init_cache(cfg, policy, len(prompts), params["embed"].dtype)
-    params = model.split_for_cache(params, cache)
+    cache = init_cache(cfg, policy, len(prompts), model.dtype)
+    segments = [prompts] if context is None else [context, prompts]
 
     t0 = time.perf_counter()
-    last, cache = prefill(params, cfg, policy, prompts, cache, chunk, gates)
-    key = jax.random.PRNGKey(seed)
-    key, sub = jax.random.split(key)
-    first = sample(model.logits(params, cfg, last), sub, sampling)
+    logits, cache, probes = prefill(model, policy, segments, cache, chunk, aux, probe)
+    key, sub = jax.random.split(jax.random.PRNGKey(seed))
+    first = sample(logits, sub, sampling)
     first.block_until_ready()
     t1 = time.perf_counter()
-    pos = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    out0 = jnp.zeros((len(prompts), n_out), jnp.int32)
-    args = (params, cfg, policy, sampling, stops)
-    # a zero-step call compiles the loop (the step count is traced), so decode_s is pure decoding
-    _, _, cache = _decode_loop(*args, cache, first, pos, jnp.int32(0), key, out0, gates)
-    jax.block_until_ready(cache)
-    t2 = time.perf_counter()
-    out, steps, cache = _decode_loop(
-        *args, cache, first, pos, jnp.int32(max_new_tokens - 1), key, out0, gates
+    ends = [len(p) + (len(context[i]) if context else 0) for i, p in enumerate(prompts)]
+    state = DecodeState(
+        step=jnp.int32(0),
+        token=first,
+        pos=jnp.asarray(ends, jnp.int32),
+        cache=cache,
+        key=key,
+        done=jnp.isin(first, jnp.asarray(stops or (-1,), jnp.int32)),
+        out=jnp.zeros((len(prompts), n_out), jnp.int32).at[:, 0].set(first),
     )
-    out = np.asarray(out)
+    graph, params = split_model(model, cache)
+    args = (graph, params, policy, sampling, stops)
+    # a zero-step call compiles the loop (the step count is traced), so decode_s is pure decoding
+    state = decode_loop(*args, state, jnp.int32(0), aux)
+    jax.block_until_ready(state)
+    t2 = time.perf_counter()
+    state = decode_loop(*args, state, jnp.int32(max_new_tokens - 1), aux)
+    out = np.asarray(state.out)
     t3 = time.perf_counter()
-    steps = int(steps)
-    tokens = []
-    for row in out[:, : steps + 1]:
-        row = row.tolist()
-        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        tokens.append(row[:cut])
-    return GenerationResult(tokens, t1 - t0, t3 - t2, steps, cache)
+    steps = int(state.step)
+    tokens = _cut_at_stop(out, steps, stops)
+    return GenerationResult(tokens, t1 - t0, t3 - t2, steps, state.cache, probes or None)

@@ -1,35 +1,61 @@
-"""Llama / Mistral / Qwen2 decoder as pure functions over a params pytree.
+"""Llama / Mistral / Qwen2 decoder as Flax NNX modules over the fixed-shape KV cache
+(docs/design.md: parts and layers, the cache).
 
-params = {
-  "embed":      [V, E],
-  "final_norm": [E],
-  "lm_head":    [E, V]          (absent when the embeddings are tied),
-  "layers": {                    every leaf stacked on a leading layer axis L
-    "attn_norm": [L, E],  "wq": [L, E, H*D],  "wk": [L, E, K*D],  "wv": [L, E, K*D],
-    "bq": [L, H*D], "bk": [L, K*D], "bv": [L, K*D]   (Qwen2 / attention_bias only),
-    "wo": [L, H*D, E],  "mlp_norm": [L, E],
-    "w_gate": [L, E, F],  "w_up": [L, E, F],  "w_down": [L, F, E],
-  },
-}
+`Transformer` holds the embedding, the final norm, the LM head and the decoder layers as
+`LayerStack`s: every weight of a stack is stacked on a leading layer axis, so the layers of
+one cache group run under one `lax.scan`. Weights (each an `nnx.Param` whose `out_sharding`
+names its logical axes, smartkv_jax/sharding.py maps them to the mesh):
+
+    embed [V, E], final_norm [E], lm_head [E, V] (absent when the embeddings are tied)
+    per stack of N layers: attn_norm [N, E], wq [N, E, H*D], wk/wv [N, E, K*D],
+    bq [N, H*D], bk/bv [N, K*D] (qkv_bias only), wo [N, H*D, E], mlp_norm [N, E],
+    w_gate/w_up [N, E, F], w_down [N, F, E]
+
+The model never names an eviction policy: each layer asks its policy (smartkv_jax/policy.py)
+for visible slots, scores and ranks, and hands it the layer's slice of any side input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from . import cache as kvcache
-from . import gates as gate_mod
-from . import policy as pol
+from .attention import attend
 from .cache import KVCache, LayerCache
 from .config import ModelConfig, RopeScaling
+from .policy import CachePolicy, ChunkView
+from .policy_table import PolicyConfig
 
-Params = dict
 Probe = Callable[[jax.Array, jax.Array, jax.Array], Any]
+
+# Logical axes of every weight (layer weights lead with "layers").
+LAYER_AXES = {
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "q_heads"),
+    "wk": ("layers", "embed", "kv_heads"),
+    "wv": ("layers", "embed", "kv_heads"),
+    "bq": ("layers", "q_heads"),
+    "bk": ("layers", "kv_heads"),
+    "bv": ("layers", "kv_heads"),
+    "wo": ("layers", "q_heads", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
@@ -66,205 +92,256 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def _qkv(lp: dict, h_BCE: jax.Array, cfg: ModelConfig):
-    b, c, _ = h_BCE.shape
-    q = h_BCE @ lp["wq"]
-    k = h_BCE @ lp["wk"]
-    v = h_BCE @ lp["wv"]
-    if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    d = cfg.head_dim
-    q = q.reshape(b, c, cfg.num_heads, d).transpose(0, 2, 1, 3)  # [B, H, C, D]
-    k = k.reshape(b, c, cfg.num_kv_heads, d).transpose(0, 2, 1, 3)  # [B, K, C, D]
-    v = v.reshape(b, c, cfg.num_kv_heads, d).transpose(0, 2, 1, 3)
-    return q, k, v
+@partial(
+    jax.tree_util.register_dataclass, data_fields=["hidden", "cache", "probes"], meta_fields=[]
+)
+@dataclasses.dataclass
+class ForwardOutput:
+    """What a chunk through the model gives back.
 
-
-def _mlp(lp: dict, x_BCE: jax.Array, cfg: ModelConfig) -> jax.Array:
-    h = rms_norm(x_BCE, lp["mlp_norm"], cfg.rms_norm_eps)
-    return (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
-
-
-def _layer(
-    lp: dict,
-    lc: LayerCache,
-    x_BCE: jax.Array,
-    pos_BC: jax.Array,
-    extra: dict,
-    cfg: ModelConfig,
-    policy: pol.LayerPolicy,
-    inv_freq: jax.Array,
-    probe: Probe | None,
-) -> tuple[jax.Array, tuple, Any]:
-    """One decoder layer over a chunk, reading its cache `lc` under `policy`.
-
-    Returns the new hidden states, the cache update (pos_BKS, score_BKS, dest_BKC, k_BKCD,
-    v_BKCD: new keys go to slots dest; see cache.write_rows) and the probe's output.
-
-    extra: this layer's slice of {"gates": gate params [K, ...]} (gated) or
-    {"oracle": true log4 lifespans [B, K, C]} (oracle).
+    hidden: final-normed hidden states [B, C, E] (`Transformer.logits` turns them into
+    logits; they are not computed here because a prefill chunk needs them for one column).
+    cache: the updated cache. probes: the probe's outputs stacked over layers, or None.
     """
-    b, c, _ = x_BCE.shape
-    h = rms_norm(x_BCE, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k_pre, v = _qkv(lp, h, cfg)
-    q = apply_rope(q, pos_BC, inv_freq)
-    k = apply_rope(k_pre, pos_BC, inv_freq)
-    t_B = jnp.max(pos_BC, axis=1)  # newest position of each row after this chunk
-    visible = pol.visible_pos(policy, lc.pos, lc.score, t_B)
-    out, lse = kvcache.attend(lc, visible, q, k, v, pos_BC)
-    out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1)
-    x = x_BCE + out @ lp["wo"]
-    x = x + _mlp(lp, x, cfg)
 
-    given, score = None, lc.score
-    if policy.kind == "gated":
-        given = gate_mod.apply_layer(extra["gates"], k_pre, pos_BC)
-    elif policy.kind == "oracle":
-        given = extra["oracle"]
-    elif policy.kind in pol.ATTENTION_SCORED:
-        weight = _observed_queries(policy, pos_BC, t_B)
-        mass_c, given = kvcache.attention_mass(lc, visible, q, k, pos_BC, lse, weight)
-        if policy.kind == "snapkv":  # pool along the chunk's (contiguous) positions
-            given = _max_pool(given, policy.pool)
-        score = pol.update_scores(policy, lc.score, mass_c)
-    new_score = pol.new_scores(policy, pos_BC, k_pre, given)
-    rank = pol.ranks(policy, lc.pos, score, t_B)
-    new_pos = jnp.broadcast_to(pos_BC[:, None, :], new_score.shape)
-    new_rank = pol.ranks(policy, new_pos, new_score, t_B)
-    pos, score, dest = kvcache.choose_slots(lc, score, rank, pos_BC, new_score, new_rank)
-    return x, (pos, score, dest, k, v), None if probe is None else probe(q, k, k_pre)
+    hidden: jax.Array
+    cache: KVCache
+    probes: Any = None
 
 
-def _observed_queries(policy: pol.LayerPolicy, pos_BC: jax.Array, t_B: jax.Array) -> jax.Array:
-    """Which of the chunk's queries feed attention scores: all (h2o), the newest (tova) or
-    the last obs_window (snapkv). [B, C] float."""
-    valid = pos_BC >= 0
-    if policy.kind == "tova":
-        valid &= pos_BC == t_B[:, None]
-    elif policy.kind == "snapkv":
-        valid &= pos_BC > t_B[:, None] - policy.obs_window
-    return valid.astype(jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class LayerUpdate:
+    """One layer's cache update after a chunk (stacked over a group's layers by the scan):
+    slot pos/score [B, K, S], dest [B, K, C] (slot of each new token, S: not kept), new k/v
+    rows [B, K, C, D] to write there (`cache.write_rows`)."""
+
+    pos: jax.Array
+    score: jax.Array
+    dest: jax.Array
+    k: jax.Array
+    v: jax.Array
 
 
-def _max_pool(x_BKC: jax.Array, width: int) -> jax.Array:
-    pad = width // 2
-    padded = jnp.pad(x_BKC, ((0, 0), (0, 0), (pad, pad)), constant_values=-jnp.inf)
-    return jax.lax.reduce_window(padded, -jnp.inf, jax.lax.max, (1, 1, width), (1, 1, 1), "VALID")
+jax.tree_util.register_dataclass(
+    LayerUpdate, data_fields=["pos", "score", "dest", "k", "v"], meta_fields=[]
+)
 
 
-def forward(
-    params: Params,
-    cfg: ModelConfig,
-    policy: pol.PolicyConfig,
-    tokens_BC: jax.Array,
-    pos_BC: jax.Array,
-    cache: KVCache,
-    *,
-    gates: Any = None,
-    oracle_LBKC: jax.Array | None = None,
-    probe: Probe | None = None,
-) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, Any]:
-    """Run a chunk of C tokens (positions pos_BC, -1 = padding) through every layer.
+class LayerStack(nnx.Module):
+    """N decoder layers, every weight stacked on a leading axis [N, ...]. Called on a stack
+    of one layer's weights (the slice `lax.scan` hands its body), it runs that layer."""
 
-    Reads and updates `cache` (it goes in and comes out). Returns the final-normed hidden
-    states [B, C, E]; turn them into logits with `logits`. `gates` (leaves [L, K, ...]) are
-    needed by gated layers, `oracle_LBKC` (true log4 lifespans of the chunk's keys) by
-    oracle layers. With `probe`, a function of one layer's (q_BHCD after RoPE, k_BKCD after
-    RoPE, k_pre_BKCD before RoPE), also returns its outputs stacked over layers (axis 0).
-    """
+    def __init__(self, cfg: ModelConfig, weights: dict[str, jax.Array]):
+        self.cfg = cfg
+        missing = {n for n in LAYER_AXES if not n.startswith("b")} - set(weights)
+        if missing or (cfg.qkv_bias and not {"bq", "bk", "bv"} <= set(weights)):
+            raise ValueError(f"layer weights missing: {sorted(missing) or 'bq/bk/bv'}")
+        for name, axes in LAYER_AXES.items():
+            if name in weights and (cfg.qkv_bias or not name.startswith("b")):
+                setattr(self, name, _param(weights[name], axes))
+
+    def weights(self) -> dict[str, jax.Array]:
+        """The stack's weights by name (each [N, ...])."""
+        return {n: getattr(self, n)[...] for n in LAYER_AXES if hasattr(self, n)}
+
+    def _qkv(self, h_BCE: jax.Array):
+        cfg = self.cfg
+        b, c, _ = h_BCE.shape
+        q, k, v = h_BCE @ self.wq[...], h_BCE @ self.wk[...], h_BCE @ self.wv[...]
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        d = cfg.head_dim
+        q = q.reshape(b, c, cfg.num_heads, d).transpose(0, 2, 1, 3)  # [B, H, C, D]
+        k = k.reshape(b, c, cfg.num_kv_heads, d).transpose(0, 2, 1, 3)  # [B, K, C, D]
+        v = v.reshape(b, c, cfg.num_kv_heads, d).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def _mlp(self, x_BCE: jax.Array) -> jax.Array:
+        h = rms_norm(x_BCE, self.mlp_norm[...], self.cfg.rms_norm_eps)
+        return (jax.nn.silu(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]
+
+    def __call__(
+        self,
+        x_BCE: jax.Array,
+        pos_BC: jax.Array,
+        lc: LayerCache,
+        policy: CachePolicy,
+        aux: Any,
+        inv_freq: jax.Array,
+        kernels: str,
+        probe: Probe | None,
+    ) -> tuple[jax.Array, LayerUpdate, Any]:
+        """One layer over a chunk, reading its cache `lc` under `policy` (aux: the layer's
+        side input). Returns the new hidden states, the cache update and the probe's output."""
+        b, c, _ = x_BCE.shape
+        h = rms_norm(x_BCE, self.attn_norm[...], self.cfg.rms_norm_eps)
+        q, k_pre, v = self._qkv(h)
+        q = apply_rope(q, pos_BC, inv_freq)
+        k = apply_rope(k_pre, pos_BC, inv_freq)
+        t_B = jnp.max(pos_BC, axis=1)  # newest position of each row after this chunk
+        visible = policy.visible(lc.pos, lc.score, t_B)
+        out, lse = attend(lc, visible, q, k, v, pos_BC, kernels)
+        out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1)
+        x = x_BCE + out @ self.wo[...]
+        x = x + self._mlp(x)
+        view = ChunkView(lc, visible, q, k, k_pre, pos_BC, t_B, lse, aux)
+        update = _evict(policy, view, v)
+        return x, update, None if probe is None else probe(q, k, k_pre)
+
+
+def _evict(policy: CachePolicy, view: ChunkView, v_BKCD: jax.Array) -> LayerUpdate:
+    """Where the chunk's tokens go under `policy`: slot scores, ranks, then the slot choice."""
+    score, new_score = policy.chunk_scores(view)
+    rank = policy.ranks(view.cache.pos, score, view.t_B)
+    new_rank = policy.ranks(view.pos_BKC, new_score, view.t_B)
+    pos, score, dest = kvcache.choose_slots(
+        view.cache, score, rank, view.pos_BC, new_score, new_rank
+    )
+    return LayerUpdate(pos, score, dest, view.k_BKCD, v_BKCD)
+
+
+class Transformer(nnx.Module):
+    """The decoder: embedding, `stacks` of layers (covering layers `bounds`), final norm and
+    LM head. Build it with `Transformer.from_weights` or `Transformer.init_random`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        top: dict[str, jax.Array],
+        stacks: list[LayerStack],
+        bounds: tuple[tuple[int, int], ...],
+    ):
+        self.cfg = cfg
+        self.embed = _param(top["embed"], TOP_AXES["embed"])
+        self.final_norm = _param(top["final_norm"], TOP_AXES["final_norm"])
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(top["lm_head"], TOP_AXES["lm_head"])
+        self.stacks = nnx.List(stacks)
+        self.bounds = bounds
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, Any]) -> Transformer:
+        """From {"embed", "final_norm", "lm_head"?, "layers": {name: [L, ...]}}."""
+        layers = LayerStack(cfg, weights["layers"])
+        top = {k: v for k, v in weights.items() if k != "layers"}
+        return cls(cfg, top, [layers], ((0, cfg.num_layers),))
+
+    @classmethod
+    def init_random(
+        cls, cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32
+    ) -> Transformer:
+        """Random weights of the right shapes (tests and benchmarks without a checkpoint)."""
+        return cls.from_weights(cfg, random_weights(cfg, key, dtype))
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.embed[...].dtype
+
+    def regroup(self, bounds: tuple[tuple[int, int], ...]) -> Transformer:
+        """The same model with its layers stacked per cache group `bounds`. A loop of jitted
+        chunk calls regroups once before the loop: slicing a stack inside a jitted call would
+        copy every weight on every call."""
+        if bounds == self.bounds:
+            return self
+        names = self.stacks[0].weights().keys()
+        joined = {n: jnp.concatenate([s.weights()[n] for s in self.stacks]) for n in names}
+        stacks = [LayerStack(self.cfg, {n: w[a:b] for n, w in joined.items()}) for a, b in bounds]
+        top = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
+        if not self.cfg.tie_embeddings:
+            top["lm_head"] = self.lm_head[...]
+        return Transformer(self.cfg, top, stacks, tuple(bounds))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits [..., V] in float32 from final hidden states [..., E]."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return (hidden @ w).astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens_BC: jax.Array,
+        pos_BC: jax.Array,
+        cache: KVCache,
+        policy: PolicyConfig,
+        aux: dict[str, Any] | None = None,
+        probe: Probe | None = None,
+    ) -> ForwardOutput:
+        """Run a chunk of C tokens (positions pos_BC, -1 = padding) through every layer.
+
+        Reads and updates `cache` (it goes in and comes out). aux: the side inputs the
+        policy's layers need (`PolicyConfig.needs`), each a pytree with leading layer axis L
+        (gates: a `Gates` module; oracle: true log4 lifespans [L, B, K, T]). With `probe`, a
+        function of one layer's (q_BHCD after RoPE, k_BKCD after RoPE, k_pre_BKCD before
+        RoPE), `probes` holds its outputs stacked over layers (axis 0).
+        """
+        aux = _check_call(self.cfg, tokens_BC, pos_BC, policy, aux or {})
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        model = self.regroup(cache.bounds)
+        x = model.embed[...][tokens_BC]
+        groups, probes = [], []
+        for stack, (start, end), lc, (_, _, p) in zip(
+            model.stacks, cache.bounds, cache.groups, policy.groups()
+        ):
+            aux_g = {n: jax.tree.map(lambda a, s=start, e=end: a[s:e], aux[n]) for n in aux}
+            layer_aux = aux_g.get(p.needs) if p.needs else None
+
+            def body(x, layer, p=p, kernels=cache.kernels):
+                weights, lc_one, aux_one = layer
+                x, update, probed = weights(x, pos_BC, lc_one, p, aux_one, inv_freq, kernels, probe)
+                return x, (update, probed)
+
+            # The scan only reads the cache; the new rows are scattered afterwards, in place,
+            # so no layer's slice of the cache is ever copied.
+            x, (u, probed) = jax.lax.scan(body, x, (stack, lc, layer_aux))
+            groups.append(kvcache.write_rows(lc, u.pos, u.score, u.dest, u.k, u.v))
+            probes.append(probed)
+        x = rms_norm(x, model.final_norm[...], self.cfg.rms_norm_eps)
+        new_cache = dataclasses.replace(cache, groups=tuple(groups))
+        if probe is None:
+            return ForwardOutput(x, new_cache)
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0), *probes)
+        return ForwardOutput(x, new_cache, stacked)
+
+
+def _check_call(cfg, tokens_BC, pos_BC, policy: PolicyConfig, aux: dict) -> dict:
+    """The side inputs the policy needs, with clear errors for bad calls."""
     if tokens_BC.shape != pos_BC.shape or tokens_BC.ndim != 2:
         raise ValueError(f"tokens {tokens_BC.shape} and positions {pos_BC.shape} must be [B, C]")
-    if policy.needs_gates and gates is None:
-        raise ValueError("the policy has gated layers but no gates were given")
-    if policy.needs_oracle and oracle_LBKC is None:
-        raise ValueError("the policy has oracle layers but no true lifespans were given")
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    x = params["embed"][tokens_BC]
-    new_groups, probes = [], []
-    grouped = split_layers(params["layers"], cache.bounds)
-    for (start, end), lc, (_, _, p), lps in zip(
-        cache.bounds, cache.groups, policy.groups(), grouped
-    ):
-        extra = {}
-        if p.kind == "gated":
-            extra["gates"] = jax.tree_util.tree_map(lambda a, s=start, e=end: a[s:e], gates)
-        elif p.kind == "oracle":
-            extra["oracle"] = oracle_LBKC[start:end]
-
-        def body(x, layer, p=p):
-            lp, lc_one, ex = layer
-            x, update, probed = _layer(lp, lc_one, x, pos_BC, ex, cfg, p, inv_freq, probe)
-            return x, (update, probed)
-
-        # The scan only reads the cache; the new rows are scattered afterwards, in place,
-        # so no layer's slice of the cache is ever copied.
-        x, (update, probed) = jax.lax.scan(body, x, (lps, lc, extra))
-        lc = kvcache.write_rows(lc, *update)
-        new_groups.append(lc)
-        probes.append(probed)
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    new_cache = KVCache(groups=tuple(new_groups), bounds=cache.bounds)
-    if probe is None:
-        return x, new_cache
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0), *probes)
-    return x, new_cache, stacked
+    if len(policy.layers) != cfg.num_layers:
+        raise ValueError(f"policy has {len(policy.layers)} layers, model has {cfg.num_layers}")
+    missing = sorted(n for n in policy.needs if aux.get(n) is None)
+    if missing:
+        raise ValueError(f"the policy's layers need side inputs that were not given: {missing}")
+    return {n: aux[n] for n in policy.needs}
 
 
-def split_layers(layers: Any, bounds: tuple[tuple[int, int], ...]) -> tuple:
-    """Stacked layer params (leaves [L, ...]) as one stacked pytree per cache group.
-
-    Already-split params (a tuple) pass through: a decode loop splits once, outside the loop,
-    because slicing inside it would copy every weight on every step.
-    """
-    if isinstance(layers, tuple):
-        if len(layers) != len(bounds):
-            raise ValueError(f"params are split into {len(layers)} groups, cache has {len(bounds)}")
-        return layers
-    if len(bounds) == 1:
-        return (layers,)
-    return tuple(jax.tree_util.tree_map(lambda a, s=s, e=e: a[s:e], layers) for s, e in bounds)
-
-
-def split_for_cache(params: Params, cache: KVCache) -> Params:
-    """`params` with the layers split per cache group, for a loop of jitted chunk calls:
-    split once before the loop, since a jitted call on stacked params slices (copies) every
-    weight on every call when the cache has several groups."""
-    return {**params, "layers": split_layers(params["layers"], cache.bounds)}
-
-
-def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Vocabulary logits [..., V] in float32 from final hidden states [..., E]."""
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return (hidden @ w).astype(jnp.float32)
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
-    """Random parameters of the right shapes (tests and benchmarks without a checkpoint)."""
-    e, f, l_ = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+def random_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> dict[str, Any]:
+    """Random weights {"embed", "final_norm", "lm_head"?, "layers": {...}} (N(0, 0.02),
+    norms at 1)."""
+    e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     hd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {
-        "wq": (l_, e, hd),
-        "wk": (l_, e, kd),
-        "wv": (l_, e, kd),
-        "wo": (l_, hd, e),
-        "w_gate": (l_, e, f),
-        "w_up": (l_, e, f),
-        "w_down": (l_, f, e),
+        "wq": (n, e, hd),
+        "wk": (n, e, kd),
+        "wv": (n, e, kd),
+        "wo": (n, hd, e),
+        "w_gate": (n, e, f),
+        "w_up": (n, e, f),
+        "w_down": (n, f, e),
     }
     if cfg.qkv_bias:
-        shapes.update(bq=(l_, hd), bk=(l_, kd), bv=(l_, kd))
+        shapes.update(bq=(n, hd), bk=(n, kd), bv=(n, kd))
     keys = jax.random.split(key, len(shapes) + 2)
     layers = {
         name: (0.02 * jax.random.normal(k, s)).astype(dtype)
         for k, (name, s) in zip(keys, sorted(shapes.items()))
     }
-    layers["attn_norm"] = jnp.ones((l_, e), dtype)
-    layers["mlp_norm"] = jnp.ones((l_, e), dtype)
-    params = {
+    layers["attn_norm"] = jnp.ones((n, e), dtype)
+    layers["mlp_norm"] = jnp.ones((n, e), dtype)
+    weights = {
         "embed": (0.02 * jax.random.normal(keys[-2], (cfg.vocab_size, e))).astype(dtype),
         "final_norm": jnp.ones((e,), dtype),
         "layers": layers,
     }
     if not cfg.tie_embeddings:
-        params["lm_head"] = (0.02 * jax.random.normal(keys[-1], (e, cfg.vocab_size))).astype(dtype)
-    return params
+        weights["lm_head"] = (0.02 * jax.random.normal(keys[-1], (e, cfg.vocab_size))).astype(dtype)
+    return weights

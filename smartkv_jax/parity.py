@@ -35,10 +35,9 @@ def run_parity(model: str, text_file: Path, n_tokens: int = 512, greedy_tokens: 
     import jax.numpy as jnp
     import torch
 
-    from . import model as jmodel
     from .cache import init_cache
     from .generate import generate
-    from .policy import PolicyConfig
+    from .policy_table import PolicyConfig
 
     if not text_file.is_file():
         raise FileNotFoundError(f"text file not found: {text_file}")
@@ -53,8 +52,8 @@ def run_parity(model: str, text_file: Path, n_tokens: int = 512, greedy_tokens: 
     policy = PolicyConfig.uniform(ours.cfg.num_layers).resolve(n_tokens)
     cache = init_cache(ours.cfg, policy, 1)
     pos = jnp.arange(n_tokens, dtype=jnp.int32)[None]
-    hidden, _ = jmodel.forward(ours.params, ours.cfg, policy, jnp.asarray([ids]), pos, cache)
-    got = np.asarray(jmodel.logits(ours.params, ours.cfg, hidden))[0]
+    hidden = ours.model(jnp.asarray([ids]), pos, cache, policy).hidden
+    got = np.asarray(ours.model.logits(hidden))[0]
 
     prompt = ids[: min(128, n_tokens)]
     with torch.no_grad():
@@ -65,7 +64,7 @@ def run_parity(model: str, text_file: Path, n_tokens: int = 512, greedy_tokens: 
             do_sample=False,
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )[0, len(prompt) :].tolist()
-    ours_out = generate(ours.params, ours.cfg, [prompt], greedy_tokens, stop_tokens=()).tokens[0]
+    ours_out = generate(ours.model, [prompt], greedy_tokens, stop_tokens=()).tokens[0]
     return {
         "model": ours.source,
         "tokens": n_tokens,

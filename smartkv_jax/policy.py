@@ -1,214 +1,205 @@
-"""Eviction policies: per-layer ranking rules over the cache pytree, and the per-layer table.
+"""Eviction policies as frozen strategy dataclasses behind one protocol (docs/design.md: the
+cache, how to add a policy).
 
-A policy manages one layer's fixed-shape cache with pure functions of fixed shapes:
+A policy manages one layer's fixed-shape cache with pure functions of fixed shapes. The model
+calls the protocol below and never names a policy:
 
-- `new_scores`: the score stored with each incoming token (what the policy ranks by later);
-- `ranks`: a float rank per slot at time t; when a token needs a slot the lowest-ranked slot
-  is the victim. Empty slots rank -inf; protected slots (sinks, the recent window) rank above
-  every unprotected one, newest first, so a new protected token always finds room;
-- `visible_pos`: slot positions as attention sees them (-1 hides a slot; gated policies hide
-  slots whose predicted life has run out even before they are overwritten);
-- `update_scores`: attention-driven policies (H2O, TOVA, SnapKV) refresh scores from the
-  attention the new queries paid.
+- `visible(pos, score, t_B)`: slot positions as attention sees them (-1 hides a slot);
+- `chunk_scores(view)`: the scores of the cache slots after a chunk's attention, and the
+  score each of the chunk's tokens is stored with (from `initial_scores` and, for
+  attention-scored policies, `update_scores`);
+- `ranks(pos, score, t_B)`: a float rank per slot or new token at time t_B; when a token
+  needs a slot the lowest-ranked one is the victim. Empty slots rank -inf; protected slots
+  (sinks, the recent window) rank above every unprotected one, newest first, so a new
+  protected token always finds room.
 
-Adding a policy: add its name to POLICY_KINDS and a branch to the functions below.
+A policy that needs a side input per layer (the gates, the oracle's true lifespans) names it
+in `needs`; the model hands each layer its slice of that input in `ChunkView.aux`.
+
+Adding a policy: subclass `CachePolicy` (or `ProtectedPolicy`), set `kind`, override what
+differs, and register the class in `POLICY_CLASSES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
-from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-POLICY_KINDS = (
-    "full",  # every token kept (capacity = sequence length)
-    "window",  # StreamingLLM: n_sink first positions + the most recent tokens
-    "recent",  # the most recent tokens only
-    "gated",  # learned gates: predicted expiry, or predicted life discounted by age
-    "oracle",  # as gated, with the true log4 lifespans (from labels) as scores
-    "h2o",  # accumulated attention (heavy hitters) + recent window
-    "tova",  # attention of the newest query + recent window
-    "snapkv",  # pooled attention from the last queries of each prefill chunk + recent window
-    "knorm",  # lowest key norm kept + recent window
-    "random",  # random keep + sinks and recent window
-)
-ATTENTION_SCORED = ("h2o", "tova", "snapkv")
-LIFE_SCORED = ("gated", "oracle")
+from .attention import attention_mass
+from .cache import LayerCache
+from .gates import apply_layer
 
 _SINK_RANK = 2.0e7  # + pos: sinks outrank everything
 _RECENT_RANK = 1.0e7  # + pos: protected recent tokens, newest first
 _LIFE_CAP = 1.0e6  # predicted expiry is clipped below the protected ranks
+UNLABELLED_LIFE = 10.0  # oracle score (log4) of a position its labels do not cover: kept
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerPolicy:
-    """How one layer's cache is managed.
+class ChunkView:
+    """What a layer's policy may read about a chunk of C new tokens (one layer, traced).
 
-    capacity: slots per (batch, KV head); None = as long as the whole sequence.
-    n_sink:   first positions never evicted (window, gated, oracle, h2o, knorm, random).
-    recent:   most recent tokens never evicted (all but full/tova).
-    margin:   gated/oracle: a key expires at pos + margin * 4**score.
-    discount: gated/oracle: None ranks slots by that expiry; a number g ranks them by
-        score - g * log4(1 + age) instead. Under expiry a key predicted to live past the
-        label cap is still dropped once pos + margin * 4**cap has passed, so a detail that only
-        a late question reads (a needle) is lost in a long prompt; a discount keeps keys that
-        are predicted long-lived as they age, at a cost of g per log4 of their age.
-    mask_expired: gated/oracle: hide expired slots from attention before they are evicted
-        (off by default: on SmolLM2 it made even the oracle worse than a plain window).
-    obs_window, pool: snapkv: queries observed per chunk and max-pool width.
+    cache: the layer's cache before the chunk. visible_BKS: its slot positions as attention
+    saw them. q_BHCD, k_BKCD: queries and keys after RoPE; k_pre_BKCD: keys before RoPE.
+    pos_BC: positions (-1 = padding); t_B: newest position per row. lse_BHC: log-sum-exp of
+    the chunk's attention logits over cache + chunk. aux: this layer's side input (`needs`).
     """
 
-    kind: str = "full"
+    cache: LayerCache
+    visible_BKS: jax.Array
+    q_BHCD: jax.Array
+    k_BKCD: jax.Array
+    k_pre_BKCD: jax.Array
+    pos_BC: jax.Array
+    t_B: jax.Array
+    lse_BHC: jax.Array
+    aux: Any = None
+
+    @property
+    def pos_BKC(self) -> jax.Array:
+        b, kh, c, _ = self.k_pre_BKCD.shape
+        return jnp.broadcast_to(self.pos_BC[:, None, :], (b, kh, c))
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePolicy:
+    """Base strategy: tokens ranked by position, so the oldest is evicted first.
+
+    capacity: slots per (batch, KV head); None = as long as the whole sequence.
+    """
+
+    kind: ClassVar[str] = ""
+    needs: ClassVar[str | None] = None  # name of the per-layer side input read from aux
     capacity: int | None = None
-    n_sink: int = 4
-    recent: int = 32
-    margin: float = 1.0
-    discount: float | None = None
-    mask_expired: bool = False
-    obs_window: int = 32
-    pool: int = 7
 
     def __post_init__(self) -> None:
-        if self.kind not in POLICY_KINDS:
-            raise ValueError(f"unknown policy {self.kind!r}; known: {', '.join(POLICY_KINDS)}")
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
-        bad_discount = self.discount is not None and self.discount < 0
-        if self.n_sink < 0 or self.recent < 0 or self.margin <= 0 or bad_discount:
-            raise ValueError(f"invalid policy settings: {self}")
+
+    def initial_scores(self, view: ChunkView) -> jax.Array:
+        """Score stored with each new token, [B, K, C] float32 (default: its position)."""
+        return view.pos_BKC.astype(jnp.float32)
+
+    def update_scores(self, score_BKS: jax.Array, mass_BKS: jax.Array) -> jax.Array:
+        """Slot scores after the chunk's queries paid attention mass_BKS to them."""
+        return score_BKS
+
+    def chunk_scores(self, view: ChunkView) -> tuple[jax.Array, jax.Array]:
+        """(slot scores [B, K, S] after the chunk, new tokens' scores [B, K, C])."""
+        return view.cache.score, self.initial_scores(view)
+
+    def base_ranks(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
+        """Rank of occupied slots; `ranks` adds the empty-slot rule."""
+        return pos.astype(jnp.float32)
+
+    def ranks(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
+        """Rank of each slot (or new token) at time t_B, [B, K, N] float32 (pos, score
+        [B, K, N]); empty slots (pos -1) rank -inf."""
+        return jnp.where(pos >= 0, self.base_ranks(pos, score, t_B), -jnp.inf)
+
+    def visible(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
+        """Slot positions as attention sees them at time t_B; -1 hides a slot."""
+        return pos
+
+    def settings(self) -> str:
+        """The policy's settings besides its capacity, for tables ("" if none)."""
+        return ""
 
     def describe(self) -> str:
         cap = "all" if self.capacity is None else str(self.capacity)
-        life = f"margin {self.margin}" if self.discount is None else f"discount {self.discount}"
-        extra = {
-            "window": f"sinks {self.n_sink}",
-            "gated": f"{life}, sinks {self.n_sink}, recent {self.recent}",
-            "oracle": f"{life}, sinks {self.n_sink}, recent {self.recent}",
-        }.get(self.kind, "" if self.kind in ("full", "recent") else f"recent {self.recent}")
+        extra = self.settings()
         return f"{self.kind}({cap} slots{', ' + extra if extra else ''})"
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyConfig:
-    """Per-layer policy table: `layers[i]` manages layer i."""
+class FullPolicy(CachePolicy):
+    """Every token kept (capacity = sequence length)."""
 
-    layers: tuple[LayerPolicy, ...]
-    name: str = "custom"
-
-    @classmethod
-    def uniform(cls, num_layers: int, policy: LayerPolicy | None = None) -> PolicyConfig:
-        p = policy or LayerPolicy()
-        return cls(layers=(p,) * num_layers, name=p.kind)
-
-    def resolve(self, max_len: int) -> PolicyConfig:
-        """Fill capacity=None with `max_len` and cap every capacity at `max_len`."""
-        return dataclasses.replace(
-            self,
-            layers=tuple(
-                dataclasses.replace(p, capacity=min(p.capacity or max_len, max_len))
-                for p in self.layers
-            ),
-        )
-
-    def groups(self) -> list[tuple[int, int, LayerPolicy]]:
-        """Maximal runs of consecutive layers with the same policy: (start, end, policy)."""
-        out: list[tuple[int, int, LayerPolicy]] = []
-        for i, p in enumerate(self.layers):
-            if out and out[-1][2] == p:
-                out[-1] = (out[-1][0], i + 1, p)
-            else:
-                out.append((i, i + 1, p))
-        return out
-
-    @property
-    def needs_gates(self) -> bool:
-        return any(p.kind == "gated" for p in self.layers)
-
-    @property
-    def needs_oracle(self) -> bool:
-        return any(p.kind == "oracle" for p in self.layers)
-
-    def slots(self, max_len: int) -> int:
-        """Total slots per (batch, KV head) over all layers at sequence length `max_len`."""
-        return sum(p.capacity for p in self.resolve(max_len).layers)
-
-    def memory_fraction(self, max_len: int) -> float:
-        """KV bytes of this policy over the full cache's at sequence length `max_len`."""
-        return self.slots(max_len) / (max_len * len(self.layers))
-
-    def table(self) -> str:
-        """Markdown table of layer ranges and their policies (printed in every report)."""
-        rows = ["| layers | policy |", "|---|---|"]
-        rows += [f"| {a}-{b - 1} | {p.describe()} |" for a, b, p in self.groups()]
-        return f"policy: {self.name}\n" + "\n".join(rows)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "name": self.name,
-                "layers": [
-                    {"layers": f"{a}-{b - 1}", **dataclasses.asdict(p)} for a, b, p in self.groups()
-                ],
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str, num_layers: int) -> PolicyConfig:
-        """Parse a table written by `to_json` (layer ranges "a-b" must cover every layer)."""
-        data = json.loads(text)
-        layers: list[LayerPolicy | None] = [None] * num_layers
-        for row in data["layers"]:
-            row = dict(row)
-            m = re.fullmatch(r"(\d+)-(\d+)", str(row.pop("layers")))
-            if not m:
-                raise ValueError("each row needs 'layers': 'first-last'")
-            a, b = int(m.group(1)), int(m.group(2))
-            if not 0 <= a <= b < num_layers:
-                raise ValueError(f"layer range {a}-{b} is outside 0-{num_layers - 1}")
-            for i in range(a, b + 1):
-                layers[i] = LayerPolicy(**row)
-        missing = [i for i, p in enumerate(layers) if p is None]
-        if missing:
-            raise ValueError(f"policy table does not cover layers {missing}")
-        return cls(layers=tuple(layers), name=data.get("name", "custom"))
-
-    @classmethod
-    def from_file(cls, path: str | Path, num_layers: int) -> PolicyConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"policy file not found: {path}")
-        return cls.from_json(path.read_text(), num_layers)
+    kind: ClassVar[str] = "full"
 
 
-def new_scores(
-    policy: LayerPolicy,
-    pos_BC: jax.Array,
-    k_pre_BKCD: jax.Array,
-    given_BKC: jax.Array | None,
-) -> jax.Array:
-    """Score stored with each new token, [B, K, C] float32.
+@dataclasses.dataclass(frozen=True)
+class RecentPolicy(CachePolicy):
+    """The most recent tokens only."""
 
-    `given_BKC` carries scores computed outside the policy: gate predictions (gated), true
-    log4 lifespans (oracle) or the attention the chunk's queries paid (h2o, tova, snapkv).
-    """
-    b, kh, c, _ = k_pre_BKCD.shape
-    shape = (b, kh, c)
-    if policy.kind in LIFE_SCORED + ATTENTION_SCORED:
-        if given_BKC is None:
-            raise ValueError(f"policy {policy.kind!r} needs scores for new tokens")
-        return given_BKC.astype(jnp.float32)
-    if policy.kind == "knorm":
-        return -jnp.linalg.norm(k_pre_BKCD.astype(jnp.float32), axis=-1)
-    if policy.kind == "random":
+    kind: ClassVar[str] = "recent"
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPolicy(CachePolicy):
+    """StreamingLLM: the n_sink first positions and the most recent tokens."""
+
+    kind: ClassVar[str] = "window"
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_sink < 0:
+            raise ValueError(f"invalid policy settings: {self}")
+
+    def base_ranks(self, pos, score, t_B):
+        p = pos.astype(jnp.float32)
+        return jnp.where(pos < self.n_sink, _SINK_RANK + p, p)
+
+    def settings(self) -> str:
+        return f"sinks {self.n_sink}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtectedPolicy(CachePolicy):
+    """Ranks by score, with the n_sink first positions and the `recent` newest tokens
+    protected (never evicted). Subclasses say what the score is."""
+
+    kind: ClassVar[str] = ""
+    protect_sinks: ClassVar[bool] = True
+    n_sink: int = 4
+    recent: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_sink < 0 or self.recent < 0:
+            raise ValueError(f"invalid policy settings: {self}")
+
+    def score_ranks(self, pos, score, t_B) -> jax.Array:
+        """Rank of an unprotected slot (default: its score)."""
+        return score
+
+    def base_ranks(self, pos, score, t_B):
+        p = pos.astype(jnp.float32)
+        base = self.score_ranks(pos, score, t_B)
+        base = jnp.where(pos > t_B[:, None, None] - self.recent, _RECENT_RANK + p, base)
+        if self.protect_sinks:
+            base = jnp.where(pos < self.n_sink, _SINK_RANK + p, base)
+        return base
+
+    def settings(self) -> str:
+        return f"recent {self.recent}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KNormPolicy(ProtectedPolicy):
+    """Keeps the keys of lowest norm (KNorm) besides sinks and the recent window."""
+
+    kind: ClassVar[str] = "knorm"
+
+    def initial_scores(self, view):
+        return -jnp.linalg.norm(view.k_pre_BKCD.astype(jnp.float32), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPolicy(ProtectedPolicy):
+    """A deterministic random keep, besides sinks and the recent window."""
+
+    kind: ClassVar[str] = "random"
+
+    def initial_scores(self, view):
+        kh = view.k_pre_BKCD.shape[1]
         heads = jnp.arange(kh, dtype=jnp.uint32)[None, :, None]
-        seed = pos_BC.astype(jnp.uint32)[:, None, :] * jnp.uint32(2654435761) + heads * 97
+        seed = view.pos_BC.astype(jnp.uint32)[:, None, :] * jnp.uint32(2654435761) + heads * 97
         return _hash_uniform(seed)
-    return jnp.broadcast_to(pos_BC[:, None, :], shape).astype(jnp.float32)
 
 
 def _hash_uniform(x: jax.Array) -> jax.Array:
@@ -221,101 +212,170 @@ def _hash_uniform(x: jax.Array) -> jax.Array:
     return (x >> 8).astype(jnp.float32) / float(1 << 24)
 
 
-def _expiry(policy: LayerPolicy, pos: jax.Array, score: jax.Array) -> jax.Array:
-    life = policy.margin * jnp.power(4.0, jnp.clip(score, -2.0, 10.0))
-    return jnp.minimum(pos.astype(jnp.float32) + life, _LIFE_CAP)
+@dataclasses.dataclass(frozen=True)
+class LifespanPolicy(ProtectedPolicy):
+    """Ranks keys by their (predicted or true) log4 lifespan score (docs/design.md: label).
 
-
-def ranks(policy: LayerPolicy, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
-    """Rank of each slot (or new token) at time t_B (the newest position per row).
-
-    pos, score: [B, K, N] (N slots or new tokens). Returns [B, K, N] float32.
+    margin: a key expires at pos + margin * 4**score.
+    discount: None ranks slots by that expiry; a number g ranks them by
+        score - g * log4(1 + age) instead. Under expiry a key predicted to live past the
+        label cap is still dropped once pos + margin * 4**cap has passed, so a detail that only
+        a late question reads (a needle) is lost in a long prompt; a discount keeps keys that
+        are predicted long-lived as they age, at a cost of g per log4 of their age.
+    mask_expired: hide expired slots from attention before they are evicted (off by default:
+        on SmolLM2 it made even the oracle worse than a plain window).
     """
-    t = t_B[:, None, None]
-    p = pos.astype(jnp.float32)
-    if policy.kind in ("full", "recent"):
-        base = p
-    elif policy.kind == "window":
-        base = jnp.where(pos < policy.n_sink, _SINK_RANK + p, p)
-    else:
-        base = score
-        if policy.kind in LIFE_SCORED and policy.discount is None:
-            base = _expiry(policy, pos, score)
-        elif policy.kind in LIFE_SCORED:
-            age = jnp.maximum(t - p, 0.0)
-            base = score - policy.discount * jnp.log1p(age) / jnp.log(4.0)
-        recent = pos > t - policy.recent
-        base = jnp.where(recent, _RECENT_RANK + p, base)
-        if policy.kind != "tova":
-            base = jnp.where(pos < policy.n_sink, _SINK_RANK + p, base)
-    return jnp.where(pos >= 0, base, -jnp.inf)
+
+    kind: ClassVar[str] = ""
+    margin: float = 1.0
+    discount: float | None = None
+    mask_expired: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.margin <= 0 or (self.discount is not None and self.discount < 0):
+            raise ValueError(f"invalid policy settings: {self}")
+
+    def expiry(self, pos: jax.Array, score: jax.Array) -> jax.Array:
+        life = self.margin * jnp.power(4.0, jnp.clip(score, -2.0, 10.0))
+        return jnp.minimum(pos.astype(jnp.float32) + life, _LIFE_CAP)
+
+    def score_ranks(self, pos, score, t_B):
+        if self.discount is None:
+            return self.expiry(pos, score)
+        age = jnp.maximum(t_B[:, None, None] - pos.astype(jnp.float32), 0.0)
+        return score - self.discount * jnp.log1p(age) / jnp.log(4.0)
+
+    def visible(self, pos, score, t_B):
+        if not self.mask_expired:
+            return pos
+        t = t_B[:, None, None]
+        protected = (pos < self.n_sink) | (pos > t - self.recent)
+        alive = protected | (self.expiry(pos, score) >= t.astype(jnp.float32))
+        return jnp.where(alive, pos, -1)
+
+    def settings(self) -> str:
+        life = f"margin {self.margin}" if self.discount is None else f"discount {self.discount}"
+        return f"{life}, sinks {self.n_sink}, recent {self.recent}"
 
 
-def visible_pos(policy: LayerPolicy, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
-    """Slot positions as attention sees them at time t_B; -1 hides a slot."""
-    if policy.kind not in LIFE_SCORED or not policy.mask_expired:
-        return pos
-    t = t_B[:, None, None]
-    protected = (pos < policy.n_sink) | (pos > t - policy.recent)
-    alive = protected | (_expiry(policy, pos, score) >= t.astype(jnp.float32))
-    return jnp.where(alive, pos, -1)
+@dataclasses.dataclass(frozen=True)
+class GatedPolicy(LifespanPolicy):
+    """Learned gates: each key's score is its gate's predicted log4 lifespan. aux: the
+    layer's gates (a `Gates` module whose leaves are one layer's, [K, ...])."""
+
+    kind: ClassVar[str] = "gated"
+    needs: ClassVar[str | None] = "gates"
+
+    def initial_scores(self, view):
+        return apply_layer(view.aux, view.k_pre_BKCD, view.pos_BC).astype(jnp.float32)
 
 
-def update_scores(policy: LayerPolicy, score_BKS: jax.Array, mass_BKS: jax.Array) -> jax.Array:
-    """New cache-slot scores after a chunk, from the attention mass its queries paid."""
-    if policy.kind == "h2o":
+@dataclasses.dataclass(frozen=True)
+class OraclePolicy(LifespanPolicy):
+    """As gated, with true log4 lifespans as scores. aux: [B, K, T] true scores by position;
+    positions past T (decoded tokens) get UNLABELLED_LIFE."""
+
+    kind: ClassVar[str] = "oracle"
+    needs: ClassVar[str | None] = "oracle"
+
+    def initial_scores(self, view):
+        life_BKT = view.aux.astype(jnp.float32)
+        t = life_BKT.shape[-1]
+        pos_BKC = view.pos_BKC
+        got = jnp.take_along_axis(life_BKT, jnp.clip(pos_BKC, 0, t - 1), axis=-1)
+        return jnp.where(pos_BKC < t, got, UNLABELLED_LIFE)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPolicy(ProtectedPolicy):
+    """Scores from the attention the chunk's observed queries pay (H2O, TOVA, SnapKV)."""
+
+    kind: ClassVar[str] = ""
+
+    def observed(self, pos_BC: jax.Array, t_B: jax.Array) -> jax.Array:
+        """Which of the chunk's queries feed the scores, [B, C] bool (default: all)."""
+        return pos_BC >= 0
+
+    def new_token_scores(self, mass_BKC: jax.Array) -> jax.Array:
+        return mass_BKC
+
+    def chunk_scores(self, view):
+        weight_BC = self.observed(view.pos_BC, view.t_B).astype(jnp.float32)
+        v = view
+        mass_BKS, mass_BKC = attention_mass(
+            v.cache, v.visible_BKS, v.q_BHCD, v.k_BKCD, v.pos_BC, v.lse_BHC, weight_BC
+        )
+        slots = self.update_scores(view.cache.score, mass_BKS)
+        return slots, self.new_token_scores(mass_BKC).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class H2OPolicy(AttentionPolicy):
+    """Heavy hitters: attention accumulated over every query, plus the recent window."""
+
+    kind: ClassVar[str] = "h2o"
+
+    def update_scores(self, score_BKS, mass_BKS):
         return score_BKS + mass_BKS
-    if policy.kind == "tova":
+
+
+@dataclasses.dataclass(frozen=True)
+class TOVAPolicy(AttentionPolicy):
+    """Attention of the newest query only, plus the recent window (no sinks protected)."""
+
+    kind: ClassVar[str] = "tova"
+    protect_sinks: ClassVar[bool] = False
+
+    def observed(self, pos_BC, t_B):
+        return (pos_BC >= 0) & (pos_BC == t_B[:, None])
+
+    def update_scores(self, score_BKS, mass_BKS):
         return mass_BKS
-    if policy.kind == "snapkv":
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKVPolicy(AttentionPolicy):
+    """Attention of the last obs_window queries of each chunk, max-pooled over `pool`
+    neighbouring positions, plus the recent window."""
+
+    kind: ClassVar[str] = "snapkv"
+    obs_window: int = 32
+    pool: int = 7
+
+    def observed(self, pos_BC, t_B):
+        return (pos_BC >= 0) & (pos_BC > t_B[:, None] - self.obs_window)
+
+    def new_token_scores(self, mass_BKC):
+        pad = self.pool // 2
+        padded = jnp.pad(mass_BKC, ((0, 0), (0, 0), (pad, pad)), constant_values=-jnp.inf)
+        window = (1, 1, self.pool)
+        return jax.lax.reduce_window(padded, -jnp.inf, jax.lax.max, window, (1, 1, 1), "VALID")
+
+    def update_scores(self, score_BKS, mass_BKS):
         return jnp.maximum(score_BKS, mass_BKS)
-    return score_BKS
 
 
-def seed_hybrid(num_layers: int, context: int, memory_fraction: float) -> PolicyConfig:
-    """The seed's hybrid rule scaled to the model's depth and a memory budget.
-
-    The first sixth of the layers keep 32 recent tokens + 4 sinks (their keys are
-    short-lived), the last sixth keep recent tokens only, the middle layers are gated and
-    share the rest of the budget (`memory_fraction` of the full cache at `context` tokens).
-    """
-    edge = max(1, round(num_layers / 6))
-    total = int(memory_fraction * context * num_layers)
-    early = LayerPolicy("window", capacity=36, n_sink=4)
-    deep_cap = max(16, min(64, total // num_layers))
-    deep = LayerPolicy("recent", capacity=deep_cap)
-    n_mid = num_layers - 2 * edge
-    mid_cap = (total - edge * (early.capacity + deep_cap)) // max(n_mid, 1)
-    if mid_cap < 48:
-        raise ValueError(
-            f"a budget of {memory_fraction:.4f} x {context} tokens is too small for the hybrid "
-            f"rule ({mid_cap} slots per gated layer)"
-        )
-    mid = LayerPolicy("gated", capacity=mid_cap, n_sink=4, recent=32, margin=2.0)
-    layers = (early,) * edge + (mid,) * n_mid + (deep,) * edge
-    return PolicyConfig(layers=layers, name="hybrid")
+POLICY_CLASSES: dict[str, type[CachePolicy]] = {
+    cls.kind: cls
+    for cls in (
+        FullPolicy,
+        WindowPolicy,
+        RecentPolicy,
+        GatedPolicy,
+        OraclePolicy,
+        H2OPolicy,
+        TOVAPolicy,
+        SnapKVPolicy,
+        KNormPolicy,
+        RandomPolicy,
+    )
+}
+POLICY_KINDS = tuple(POLICY_CLASSES)
 
 
-def make_policy(
-    name: str, num_layers: int, context: int, memory_fraction: float = 1.0
-) -> PolicyConfig:
-    """A policy by name at `memory_fraction` of the full cache for `context` tokens.
-
-    name: "hybrid" (the seed's rule), a kind from POLICY_KINDS applied to every layer (with
-    "gated-only" an alias of "gated"), or a path to a JSON policy table.
-    """
-    if name.endswith(".json"):
-        return PolicyConfig.from_file(name, num_layers)
-    if name == "hybrid":
-        return seed_hybrid(num_layers, context, memory_fraction)
-    kind = "gated" if name == "gated-only" else name
-    if kind == "full":
-        return PolicyConfig.uniform(num_layers)
-    if kind not in POLICY_KINDS:
-        raise ValueError(
-            f"unknown policy {name!r}; use hybrid, gated-only, {', '.join(POLICY_KINDS)} "
-            "or a .json table"
-        )
-    cap = max(8, int(memory_fraction * context))
-    margin = 2.0 if kind == "gated" else 1.0
-    return PolicyConfig.uniform(num_layers, LayerPolicy(kind, capacity=cap, margin=margin))
+def policy_class(kind: str) -> type[CachePolicy]:
+    """The strategy class of a policy kind ("window", "gated", ...)."""
+    if kind not in POLICY_CLASSES:
+        raise ValueError(f"unknown policy {kind!r}; known: {', '.join(POLICY_KINDS)}")
+    return POLICY_CLASSES[kind]

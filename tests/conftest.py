@@ -7,25 +7,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smartkv_jax import model
 from smartkv_jax.cache import init_cache
 from smartkv_jax.config import ModelConfig
-from smartkv_jax.policy import PolicyConfig
+from smartkv_jax.policy_table import PolicyConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def full_logits(params, cfg, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
-    """Logits [B, T, V] from one forward pass over whole (right-padded) sequences."""
+def full_logits(model, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
+    """Logits [B, T, V] from one forward pass of a Transformer over whole (right-padded)
+    sequences."""
+    cfg = model.cfg
     b, t = tokens_BT.shape
     lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
     pos = np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1)
     policy = PolicyConfig.uniform(cfg.num_layers).resolve(t)
-    cache = init_cache(cfg, policy, b, params["embed"].dtype)
-    hidden, _ = model.forward(
-        params, cfg, policy, jnp.asarray(tokens_BT), jnp.asarray(pos, jnp.int32), cache
-    )
-    return np.asarray(model.logits(params, cfg, hidden))
+    cache = init_cache(cfg, policy, b, model.dtype)
+    out = model(jnp.asarray(tokens_BT), jnp.asarray(pos, jnp.int32), cache, policy)
+    return np.asarray(model.logits(out.hidden))
 
 
 def tiny_config(**overrides) -> ModelConfig:

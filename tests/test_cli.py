@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from smartkv_jax.cli import main
+from smartkv_cli.main import main
 
 
 @pytest.mark.skipif(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from smartkv_jax.cli import main
+from smartkv_cli.main import main
 from smartkv_jax.convert import CheckpointError, load_gguf, load_model
 from smartkv_jax.data import text_files
 

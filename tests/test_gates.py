@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from smartkv_jax import sharding as shd
 from smartkv_jax.gates import (
     GateConfig,
     Gates,
+    GateStat,
     apply_all,
     apply_layer,
     flatten_heads,
     init_gates,
     layer_params,
     num_params,
+    predict_layer,
     set_normalization,
     unflatten_heads,
 )
@@ -42,11 +43,9 @@ def _random_gates(cfg: GateConfig, seed: int = 0) -> Gates:
             "y_sigma": np.full(lk, 0.7),
         },
     )
-    return dataclasses.replace(
-        p,
-        w_out=jnp.asarray(rng.normal(size=p.w_out.shape), jnp.float32),
-        b_out=jnp.asarray(rng.normal(size=p.b_out.shape), jnp.float32),
-    )
+    p.w_out[...] = jnp.asarray(rng.normal(size=p.w_out.shape), jnp.float32)
+    p.b_out[...] = jnp.asarray(rng.normal(size=p.b_out.shape), jnp.float32)
+    return p
 
 
 apply_all_jit = jax.jit(apply_all)
@@ -83,6 +82,18 @@ def test_apply_layer_matches_apply_all_and_scan(cfg):
     want = y_NLK.reshape(2, 5, L, K).transpose(2, 0, 3, 1)
     np.testing.assert_allclose(y_LBKC, want, rtol=1e-5, atol=1e-5)
 
+    # the model's contract: scan over the split state of a group of layers, predict_layer
+    graphdef, state = nnx.split(p)
+    group = jax.tree.map(lambda a: a[1:], state)  # layers 1.. as one group
+
+    def split_body(carry, xs):
+        state_K, k = xs
+        return carry, predict_layer(graphdef, state_K, k, pos_BC)
+
+    _, y_group = jax.jit(lambda s, k: jax.lax.scan(split_body, 0, (s, k)))(group, k_BKCD[1:])
+    np.testing.assert_allclose(y_group, want[1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda g, k: g(k, pos_N))(p, keys_NLKD), y_NLK, rtol=1e-6)
+
 
 def test_fresh_gate_predicts_label_mean_and_features():
     cfg = GateConfig(L, K, D)
@@ -116,6 +127,22 @@ def test_normalisation_is_frozen_and_validated():
         set_normalization(p, {"mean": jnp.zeros((L, K))})
     floored = set_normalization(p, {"key_sigma": jnp.zeros((L, K, D))})
     assert float(floored.norm["key_sigma"].min()) > 0
+
+
+def test_gates_module_separates_weights_from_statistics():
+    p = _random_gates(GateConfig(L, K, D, hidden=16))
+    weights = nnx.to_pure_dict(nnx.state(p, nnx.Param))
+    assert sorted(weights) == ["b_in", "b_out", "w_in", "w_out"]
+    stats = nnx.to_pure_dict(nnx.state(p, GateStat))
+    assert sorted(stats) == ["norm"] and "y_sigma" in stats["norm"]
+    assert p.w_in.get_metadata("out_sharding") == ("layers", "kv_heads", "features", "hidden")
+    assert p.norm["key_mu"].get_metadata("out_sharding") == ("layers", "kv_heads", "head_dim")
+    flat = flatten_heads(p, pad_to=8)
+    assert flat.w_in.get_metadata("out_sharding") == ("heads", "features", "hidden")
+    assert layer_params(p, 0).b_out.get_metadata("out_sharding") == ("kv_heads",)
+    assert unflatten_heads(flat).b_in.get_metadata("out_sharding") == p.b_in.get_metadata(
+        "out_sharding"
+    )
 
 
 def test_config_validation_and_roundtrip():

@@ -7,16 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smartkv_jax import model
 from smartkv_jax.cache import init_cache
-from smartkv_jax.generate import (
-    SamplingConfig,
-    forward_chunk,
-    generate,
-    prefill,
-    sample,
-)
-from smartkv_jax.policy import PolicyConfig
+from smartkv_jax.generate import generate, prefill
+from smartkv_jax.model import Transformer
+from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.sampling import SamplingConfig, sample
 
 from .conftest import full_logits, tiny_config
 
@@ -25,26 +20,30 @@ CFG = tiny_config(vocab_size=61, eos_token_ids=(3,))
 
 @pytest.fixture(scope="module")
 def params():
-    p = model.init_params(CFG, jax.random.PRNGKey(0))
+    p = Transformer.init_random(CFG, jax.random.PRNGKey(0))
     # larger weights than init so attention is far from uniform
     return jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 3 else a, p)
+
+
+def _chunk_logits(model, policy, tokens_BC, pos_BC, cache):
+    """Logits [B, C, V] of a chunk and the updated cache (eager forward)."""
+    out = model(jnp.asarray(tokens_BC), jnp.asarray(pos_BC, jnp.int32), cache, policy)
+    return np.asarray(model.logits(out.hidden)), out.cache
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 40])
 def test_chunked_prefill_matches_full_forward(params, chunk):
     t = 40
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, t))
-    want = full_logits(params, CFG, tokens)
+    want = full_logits(params, tokens)
     policy = PolicyConfig.uniform(CFG.num_layers).resolve(t)
     cache = init_cache(CFG, policy, 2)
     got = []
     for s in range(0, t, chunk):
         toks = tokens[:, s : s + chunk]
-        pos = np.broadcast_to(np.arange(s, s + toks.shape[1]), toks.shape).astype(np.int32)
-        hidden, cache = forward_chunk(
-            params, CFG, policy, jnp.asarray(toks), jnp.asarray(pos), cache
-        )
-        got.append(np.asarray(model.logits(params, CFG, hidden)))
+        pos = np.broadcast_to(np.arange(s, s + toks.shape[1]), toks.shape)
+        logits, cache = _chunk_logits(params, policy, toks, pos, cache)
+        got.append(logits)
     np.testing.assert_allclose(np.concatenate(got, 1), want, atol=1e-4, rtol=0)
 
 
@@ -55,44 +54,36 @@ def test_batch_of_different_lengths_decodes_like_full_forward(params):
     seqs = rng.integers(0, CFG.vocab_size, (3, total))
     policy = PolicyConfig.uniform(CFG.num_layers).resolve(64)
     cache = init_cache(CFG, policy, 3)
-    last, cache = prefill(
-        params, CFG, policy, [s[:n].tolist() for s, n in zip(seqs, lengths)], cache, chunk=8
-    )
-    step_logits = [np.asarray(model.logits(params, CFG, last))]
+    prompts = [s[:n].tolist() for s, n in zip(seqs, lengths)]
+    last, cache, _ = prefill(params, policy, [prompts], cache, chunk=8)
+    step_logits = [np.asarray(last)]
     pos = np.array(lengths)
     for i in range(4):  # teacher-forced decode, each row at its own position
         tok = seqs[np.arange(3), pos + i]
-        hidden, cache = forward_chunk(
-            params,
-            CFG,
-            policy,
-            jnp.asarray(tok[:, None]),
-            jnp.asarray((pos + i)[:, None], jnp.int32),
-            cache,
-        )
-        step_logits.append(np.asarray(model.logits(params, CFG, hidden[:, 0])))
+        logits, cache = _chunk_logits(params, policy, tok[:, None], (pos + i)[:, None], cache)
+        step_logits.append(logits[:, 0])
     for b, n in enumerate(lengths):
-        want = full_logits(params, CFG, seqs[b : b + 1, : n + 4])[0, n - 1 :]
+        want = full_logits(params, seqs[b : b + 1, : n + 4])[0, n - 1 :]
         got = np.stack([s[b] for s in step_logits])
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_greedy_generate_matches_argmax_of_full_forward(params):
     prompts = [[5, 9, 12, 7], [8, 1, 30, 44, 2, 19, 23]]
-    res = generate(params, CFG, prompts, 6, stop_tokens=(), chunk=4)
+    res = generate(params, prompts, 6, stop_tokens=(), chunk=4)
     for prompt, out in zip(prompts, res.tokens):
         seq = list(prompt)
         for _ in range(6):
-            seq.append(int(full_logits(params, CFG, np.array([seq]))[0, -1].argmax()))
+            seq.append(int(full_logits(params, np.array([seq]))[0, -1].argmax()))
         assert out == seq[len(prompt) :]
     assert res.decode_steps == 5
 
 
 def test_stop_tokens_end_rows_independently(params):
     prompts = [[5, 9, 12, 7], [8, 1, 30]]
-    free = generate(params, CFG, prompts, 8, stop_tokens=()).tokens
+    free = generate(params, prompts, 8, stop_tokens=()).tokens
     stop = free[0][2]
-    res = generate(params, CFG, prompts, 8, stop_tokens=(stop,)).tokens
+    res = generate(params, prompts, 8, stop_tokens=(stop,)).tokens
     assert res[0] == free[0][:3]
     cut = next((i + 1 for i, t in enumerate(free[1]) if t == stop), len(free[1]))
     assert res[1] == free[1][:cut]
@@ -117,18 +108,39 @@ def test_sampling_filters():
 
 def test_generate_rejects_context_over_limit(params):
     with pytest.raises(ValueError, match="context limit of 128"):
-        generate(params, CFG, [[1] * 100], 40)
+        generate(params, [[1] * 100], 40)
     with pytest.raises(ValueError, match="at least one token"):
-        generate(params, CFG, [[]], 4)
+        generate(params, [[]], 4)
 
 
 def test_bfloat16_params_and_cache(params):
     bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, 24))
-    want = full_logits(params, CFG, tokens)
-    got = full_logits(bf16, CFG, tokens)
+    want = full_logits(params, tokens)
+    got = full_logits(bf16, tokens)
     assert got.dtype == np.float32
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
-    res = generate(bf16, CFG, [tokens[0].tolist()], 4, stop_tokens=())
+    res = generate(bf16, [tokens[0].tolist()], 4, stop_tokens=())
     assert res.cache.groups[0].k.dtype == jnp.bfloat16
     assert len(res.tokens[0]) == 4
+
+
+def test_context_segment_decodes_like_one_prompt(params):
+    """A context read in chunks of its own, then the prompt: with the full cache the
+    chunking cannot matter, so the tokens equal those of the concatenated prompt."""
+    context, prompt = [[4, 8, 15, 16, 23, 42, 7]], [[9, 2, 5]]
+    split = generate(params, prompt, 6, context=context, stop_tokens=(), chunk=4)
+    joined = generate(params, [context[0] + prompt[0]], 6, stop_tokens=(), chunk=4)
+    assert split.tokens == joined.tokens
+    with pytest.raises(ValueError, match="2 contexts for 1 prompts"):
+        generate(params, prompt, 2, context=context * 2)
+
+
+def test_prefill_probes_cover_every_chunk(params):
+    res = generate(params, [[1, 2, 3, 4, 5, 6]], 2, chunk=4, probe=_pre_rope_keys)
+    assert len(res.probes) == 2  # 6 tokens in chunks of 4
+    assert res.probes[0].shape == (CFG.num_layers, 1, CFG.num_kv_heads, 4, CFG.head_dim)
+
+
+def _pre_rope_keys(q_BHCD, k_BKCD, k_pre_BKCD):
+    return k_pre_BKCD

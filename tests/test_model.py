@@ -59,7 +59,7 @@ def test_logits_match_transformers(tmp_path, case):
     tokens = np.random.default_rng(0).integers(0, 97, size=(2, 48))
     with torch.no_grad():
         want = hf_model(torch.tensor(tokens)).logits.numpy()
-    got = full_logits(loaded.params, loaded.cfg, tokens)
+    got = full_logits(loaded.model, tokens)
     assert np.abs(got - want).max() <= 1e-4
 
 

@@ -22,11 +22,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pallas_kernels.lifespan import dense_lifespan, lifespan, reference_lifespan
-from smartkv_jax import model
 from smartkv_jax.cache import init_cache
-from smartkv_jax.config import ModelConfig
 from smartkv_jax.data import read_text, text_files
-from smartkv_jax.policy import PolicyConfig
+from smartkv_jax.model import Transformer
+from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.step import chunk_step, split_model
 
 from .facts import fact_window
 
@@ -35,12 +35,6 @@ DEFAULT_TAUS = (0.05, 0.11)
 
 def _collect(q_BHCD, k_BKCD, k_pre_BKCD):
     return q_BHCD, k_BKCD, k_pre_BKCD
-
-
-@partial(jax.jit, static_argnums=(1, 2), donate_argnums=(5,))
-def _chunk_with_keys(params, cfg: ModelConfig, policy: PolicyConfig, tokens, pos, cache):
-    _, cache, qkk = model.forward(params, cfg, policy, tokens, pos, cache, probe=_collect)
-    return cache, qkk
 
 
 def lifespans_of_layer(
@@ -79,8 +73,7 @@ def censored(window: int, cap: int) -> np.ndarray:
 
 
 def window_labels(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     tokens_T: Sequence[int],
     *,
     taus: Sequence[float] = DEFAULT_TAUS,
@@ -96,14 +89,16 @@ def window_labels(
     t = len(tokens_T)
     if t % chunk:
         chunk = t
-    policy = PolicyConfig.uniform(cfg.num_layers).resolve(t)
-    cache = init_cache(cfg, policy, 1, params["embed"].dtype)
+    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t)
+    cache = init_cache(model.cfg, policy, 1, model.dtype)
+    graph, state = split_model(model, cache)
     toks = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
     parts = []
     for s in range(0, t, chunk):
         pos = jnp.arange(s, s + chunk, dtype=jnp.int32)[None]
-        cache, qkk = _chunk_with_keys(params, cfg, policy, toks[:, s : s + chunk], pos, cache)
-        parts.append(qkk)
+        out = chunk_step(graph, state, policy, toks[:, s : s + chunk], pos, cache, probe=_collect)
+        cache = out.cache
+        parts.append(out.probes)
     q, k, k_pre = (jnp.concatenate(x, axis=3) for x in zip(*parts))  # [L, 1, heads, T, D]
     life = all_layer_lifespans(q, k, tuple(float(x) for x in taus), cap, method)
     pos = np.arange(t, dtype=np.int32)
@@ -116,8 +111,7 @@ def window_labels(
 
 
 def extract_labels(
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     tokenizer,
     out_dir: str | Path,
     *,
@@ -139,6 +133,7 @@ def extract_labels(
     window fix them)."""
     import datasets
 
+    cfg = model.cfg
     if window > cfg.max_position:
         raise ValueError(f"window {window} exceeds the model's context of {cfg.max_position}")
     if first_window < 0:
@@ -181,7 +176,7 @@ def extract_labels(
     parts = []
     start = time.perf_counter()
     for doc, w, ids in tqdm(jobs, desc="labelling windows"):
-        lab = window_labels(params, cfg, ids, taus=taus, cap=cap, chunk=chunk)
+        lab = window_labels(model, ids, taus=taus, cap=cap, chunk=chunk)
         lab.update(doc=[doc] * window, window=np.full(window, w, np.int32))
         parts.append(datasets.Dataset.from_dict(lab, features=features))
     seconds = time.perf_counter() - start

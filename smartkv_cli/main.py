@@ -15,9 +15,9 @@ def _dtype(name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .convert import load_model
-    from .generate import SamplingConfig, generate
-    from .policy import make_policy
+    from smartkv_jax.convert import load_model
+    from smartkv_jax.generate import SamplingConfig, generate
+    from train.policy_names import parse_policy
 
     m = load_model(args.model, _dtype(args.dtype))
     prompts = args.prompt
@@ -33,7 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p
     )
     context = max(len(i) for i in ids) + args.max_new_tokens
-    policy = make_policy(args.policy, m.cfg.num_layers, context, args.budget)
+    policy = parse_policy(args.policy, m.cfg.num_layers, context, args.budget, args.calibrated)
     gates = None
     if policy.needs_gates:
         if not args.gates:
@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from .parity import run_parity
+    from smartkv_jax.parity import run_parity
 
     report = run_parity(args.model, Path(args.text_file), args.tokens)
     if args.json:
@@ -82,7 +82,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_labels(args: argparse.Namespace) -> int:
     from train.labels import extract_labels
 
-    from .convert import load_model
+    from smartkv_jax.convert import load_model
 
     m = load_model(args.model)
     meta = extract_labels(
@@ -159,8 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--policy",
         default="full",
-        help="cache policy: full, hybrid (the seed's per-layer rule), gated-only, window, "
-        "recent, h2o, tova, snapkv, knorm, random, or a JSON policy table file",
+        help="cache policy: full, hybrid (the seed's per-layer rule), hybrid-calibrated (needs "
+        "--calibrated), gated-only, window, recent, h2o, tova, snapkv, knorm, random, or a "
+        "JSON policy table file; a ':mask' suffix hides expired slots from attention, "
+        "':expiry' ranks gated keys by predicted expiry",
+    )
+    g.add_argument(
+        "--calibrated",
+        default=None,
+        help="for hybrid-calibrated: a label store (the table is derived for the context and "
+        "--budget, as `smartkv calibrate` does) or a JSON policy table; {mf} in a table's path "
+        "is replaced by the budget",
     )
     g.add_argument(
         "--budget",
@@ -272,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=cmd_calibrate)
 
     from eval.analyze import add_cli as add_analyze_cli
-    from eval.report import add_eval_cli
+    from smartkv_cli.eval import add_eval_cli
     from train.train_gates import add_cli as add_train_cli
 
     add_train_cli(sub)

@@ -1,29 +1,22 @@
-"""Tests for pallas_kernels.evict: kernel (TPU interpret mode) vs jnp reference vs a literal
-numpy loop, for decode (C = 1) and chunk (C > 1) inserts."""
+"""Tests for smartkv_jax.eviction: the greedy victim choice (`reference_evict_slots`) and the
+one-sort chunk path (`sorted_evict_slots`) vs a literal numpy loop over the documented rule,
+for decode (C = 1) and chunk (C > 1) inserts."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.evict import (
-    evict_insert,
-    reference_evict_insert,
-    scatter_rows,
-    sorted_evict_slots,
-)
+from smartkv_jax.eviction import reference_evict_slots, sorted_evict_slots
 
-INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 INF = np.float32(np.inf)
 
 
 def numpy_evict_insert(k, v, pos, score, rank, new_k, new_v, new_pos, new_score, new_rank):
-    """The documented semantics, literally: a Python loop over (b, kv) and new tokens."""
+    """The documented semantics, literally: a Python loop over (b, kv) and new tokens, the
+    k/v rows written where the token lands."""
     k, v = np.array(k), np.array(v)
     pos, score, rank = np.array(pos), np.array(score), np.array(rank)
     B, K, _, _ = k.shape
@@ -40,6 +33,21 @@ def numpy_evict_insert(k, v, pos, score, rank, new_k, new_v, new_pos, new_score,
                     score[b, h, j] = new_score[b, h, i]
                     rank[b, h, j] = new_rank[b, h, i]
     return k, v, pos, score, rank
+
+
+def numpy_write_rows(x, dest, new):
+    """x [B, K, S, D] with new[b, h, i] written at slot dest[b, h, i] (S: skipped), as the
+    cache's row write does; the kept destinations of a row must be distinct."""
+    x, dest = np.array(x), np.asarray(dest)
+    B, K, S, _ = x.shape
+    assert dest.dtype == np.int32 and ((dest >= 0) & (dest <= S)).all()
+    for b in range(B):
+        for h in range(K):
+            kept = dest[b, h][dest[b, h] < S]
+            assert len(set(kept.tolist())) == len(kept), "two new tokens kept in one slot"
+            for i in np.flatnonzero(dest[b, h] < S):
+                x[b, h, dest[b, h, i]] = np.asarray(new[b, h, i]).astype(x.dtype)
+    return x
 
 
 def make_case(kind, B, K, S, C, D, seed=0):
@@ -97,42 +105,63 @@ CASES = [
 ]
 
 
-def _assert_equal(got, want):
-    for name, a, b in zip(("k", "v", "pos", "score", "rank"), got, want, strict=True):
+def _assert_equal(got, want, names=("k", "v", "pos", "score", "rank")):
+    for name, a, b in zip(names, got, want, strict=True):
         assert np.asarray(a).dtype == np.asarray(b).dtype, name
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
-@pytest.mark.parametrize("kind,B,K,S,C,D", CASES)
-def test_kernel_matches_reference_and_numpy(kind, B, K, S, C, D):
-    args = make_case(kind, B, K, S, C, D)
-    want = numpy_evict_insert(*args)
-    ref = jax.jit(reference_evict_insert)(*args)
-    _assert_equal(ref, want)
-    got = jax.jit(functools.partial(evict_insert, interpret=INTERPRET))(*args)
-    _assert_equal(got, want)
+def _assert_same_set(got_pos, got_score, got_k, want_pos, want_score, want_k):
+    """Each (b, kv) row holds the same (pos, score, k row) triples, in any slot order."""
+    B, K = want_pos.shape[:2]
+    for b in range(B):
+        for h in range(K):
 
-    k0, _, pos0, _, rank0, new_k, _, new_pos, _, _ = args
-    _, _, pos1, _, rank1 = want
+            def rows(p, sc, kk, b=b, h=h):
+                return sorted(zip(p[b, h].tolist(), sc[b, h].tolist(), kk[b, h, :, 0].tolist()))
+
+            got = rows(np.asarray(got_pos), np.asarray(got_score), got_k)
+            assert got == rows(want_pos, want_score, want_k)
+
+
+@pytest.mark.parametrize("kind,B,K,S,C,D", CASES)
+def test_reference_slots_match_numpy(kind, B, K, S, C, D):
+    """The greedy path picks exactly the numpy loop's slots: same per-slot arrays, and the
+    k/v rows written at dest give the numpy loop's k/v."""
+    args = make_case(kind, B, K, S, C, D)
+    k0, v0, pos0, score0, rank0, new_k, new_v, new_pos, new_score, new_rank = args
+    want = numpy_evict_insert(*args)
+    pos1, score1, rank1, dest = jax.jit(reference_evict_slots)(
+        pos0, score0, rank0, new_pos, new_score, new_rank
+    )
+    k1 = numpy_write_rows(k0, dest, new_k)
+    v1 = numpy_write_rows(v0, dest, new_v)
+    _assert_equal((k1, v1, pos1, score1, rank1), want)
+    assert dest.shape == (B, K, C)
+    np.testing.assert_array_equal(np.asarray(dest)[new_pos < 0], S)  # padding never kept
+
+    pos1, rank1 = np.asarray(pos1), np.asarray(rank1)
     if kind == "empty_cache":  # filled in order, lowest slot first
         np.testing.assert_array_equal(pos1[:, :, :C], new_pos)
         assert (pos1[:, :, C:] == -1).all()
     if kind == "some_empty":  # C == 1 goes to the first empty slot
         np.testing.assert_array_equal(pos1[:, :, 1], new_pos[:, :, 0])
-        np.testing.assert_array_equal(np.asarray(got[0])[:, :, 1], new_k[:, :, 0])
+        np.testing.assert_array_equal(k1[:, :, 1], new_k[:, :, 0])
     if kind == "all_dropped":
         np.testing.assert_array_equal(pos1, pos0)
-        np.testing.assert_array_equal(np.asarray(got[0]), k0)
+        np.testing.assert_array_equal(np.asarray(dest), S)
     if kind == "protected":
         keep = np.isposinf(rank0)
         keep[:, :, S // 2] = False
         np.testing.assert_array_equal(pos1[keep], pos0[keep])
         np.testing.assert_array_equal(pos1[:, :, S // 2], new_pos[:, :, 0])  # +inf new stays
+        np.testing.assert_array_equal(np.asarray(dest)[:, :, 1:], S)  # beaten by the +inf one
     if kind == "invalid_new":
         assert not (pos1 == -1).any() and not np.isposinf(rank1).any()
         assert np.isin(new_pos[:, :, 1::2], pos1).any()
     if kind == "ties":  # lowest rank first (last slot), then ties broken by lowest index
         np.testing.assert_array_equal(pos1[0, 0, [4, 0]], new_pos[0, 0, [0, 1]])
+        np.testing.assert_array_equal(np.asarray(dest)[0, 0], [4, 0, S])
         assert new_pos[0, 0, 2] not in pos1  # an equal rank does not replace
 
 
@@ -149,83 +178,44 @@ def test_sorted_chunk_path_keeps_the_greedy_set(kind, B, K, S, C, D):
     spos, sscore, srank, dest = jax.jit(sorted_evict_slots)(
         pos, score, rank, new_pos, new_score, new_rank
     )
-    sk = np.asarray(scatter_rows(k, dest, new_k))
+    assert spos.dtype == jnp.int32 and sscore.dtype == srank.dtype == jnp.float32
+    sk = numpy_write_rows(k, dest, new_k)
     np.testing.assert_array_equal(np.sort(np.asarray(srank), 2), np.sort(grank, 2))
-    for b in range(B):
-        for h in range(K):
-
-            def rows(p, sc, kk, b=b, h=h):
-                return sorted(zip(p[b, h].tolist(), sc[b, h].tolist(), kk[b, h, :, 0].tolist()))
-
-            assert rows(np.asarray(spos), np.asarray(sscore), sk) == rows(gpos, gscore, gk)
+    _assert_same_set(spos, sscore, sk, gpos, gscore, gk)
 
 
-def test_keeps_top_ranked_candidates():
+@pytest.mark.parametrize("fn", [reference_evict_slots, sorted_evict_slots])
+def test_keeps_top_ranked_candidates(fn):
     """With distinct ranks and valid tokens, the cache ends with the S best of S + C."""
     B, K, S, C, D = 2, 2, 6, 10, 4
-    args = make_case("random", B, K, S, C, D, seed=3)
-    args[7][:] = np.abs(args[7])  # all new tokens valid
-    args[4][:] = np.random.default_rng(4).standard_normal((B, K, S))  # no empty / protected
-    _, _, _, _, rank = reference_evict_insert(*args)
-    cand = np.concatenate([args[4], args[9]], axis=2)
-    top = -np.sort(-cand, axis=2)[:, :, :S]
-    np.testing.assert_array_equal(np.sort(np.asarray(rank), axis=2), np.sort(top, axis=2))
-
-
-def test_bf16_cache_jit_donated():
-    """New float32 keys are cast to a bfloat16 cache; the kernel runs under jit with donation."""
-    args = list(make_case("random", 1, 2, 8, 3, 8, seed=5))
-    args[0] = jnp.asarray(args[0], jnp.bfloat16)
-    args[1] = jnp.asarray(args[1], jnp.bfloat16)
-    want = numpy_evict_insert(*[np.asarray(a) for a in args])
-    ref = reference_evict_insert(*args)
-    _assert_equal(ref, want)
-    fn = jax.jit(
-        functools.partial(evict_insert, interpret=INTERPRET), donate_argnums=(0, 1, 2, 3, 4)
+    _, _, pos, score, _, _, _, new_pos, new_score, new_rank = make_case(
+        "random", B, K, S, C, D, seed=3
     )
-    got = fn(*[jnp.asarray(a) for a in args])
-    _assert_equal(got, want)
-    assert got[0].dtype == jnp.bfloat16
+    new_pos[:] = np.abs(new_pos)  # all new tokens valid
+    rank = np.random.default_rng(4).standard_normal((B, K, S)).astype(np.float32)
+    _, _, rank1, _ = fn(pos, score, rank, new_pos, new_score, new_rank)
+    cand = np.concatenate([rank, new_rank], axis=2)
+    top = -np.sort(-cand, axis=2)[:, :, :S]
+    np.testing.assert_array_equal(np.sort(np.asarray(rank1), axis=2), np.sort(top, axis=2))
 
 
-def _bad(name):
-    args = list(make_case("random", 1, 2, 6, 3, 4))
-    if name == "pos_dtype":
-        args[2] = args[2].astype(np.float32)
-    elif name == "rank_dtype":
-        args[4] = args[4].astype(np.float16)
-    elif name == "score_shape":
-        args[3] = args[3][:, :, :5]
-    elif name == "v_shape":
-        args[1] = args[1][:, :1]
-    elif name == "new_k_shape":
-        args[5] = args[5][..., :3]
-    elif name == "new_v_shape":
-        args[6] = args[6][:, :, :2]
-    elif name == "new_pos_shape":
-        args[7] = args[7][:, :, :2]
-    elif name == "new_pos_dtype":
-        args[7] = args[7].astype(np.float32)
-    elif name == "k_rank":
-        args[0] = args[0][0]
-    return args
-
-
-@pytest.mark.parametrize(
-    "name,match",
-    [
-        ("pos_dtype", "pos_BKS must be int32"),
-        ("rank_dtype", "rank_BKS must be float32"),
-        ("score_shape", "score_BKS must have shape"),
-        ("v_shape", "v_BKSD shape"),
-        ("new_k_shape", "new_k_BKCD must have shape"),
-        ("new_v_shape", "new_v_BKCD must have shape"),
-        ("new_pos_shape", "new_pos_BKC must have shape"),
-        ("new_pos_dtype", "new_pos_BKC must be an integer"),
-        ("k_rank", "k_BKSD must be 4-D"),
-    ],
-)
-@pytest.mark.parametrize("fn", [evict_insert, reference_evict_insert])
-def test_bad_inputs_raise(name, match, fn):
-    with pytest.raises(ValueError, match=match):
-        fn(*_bad(name))
+def test_new_scores_and_ranks_are_cast():
+    """bfloat16 new scores / ranks are kept as float32, as the numpy loop on their values."""
+    k, v, pos, score, rank, new_k, new_v, new_pos, new_score, new_rank = make_case(
+        "random", 2, 2, 8, 5, 4, seed=5
+    )
+    new_score = jnp.asarray(new_score, jnp.bfloat16)
+    new_rank = jnp.asarray(new_rank, jnp.bfloat16)
+    as_f32 = [np.asarray(x, np.float32) for x in (new_score, new_rank)]
+    gk, _, gpos, gscore, grank = numpy_evict_insert(
+        k, v, pos, score, rank, new_k, new_v, new_pos, *as_f32
+    )
+    pos1, score1, rank1, dest = jax.jit(reference_evict_slots)(
+        pos, score, rank, new_pos, new_score, new_rank
+    )
+    _assert_equal((pos1, score1, rank1), (gpos, gscore, grank), ("pos", "score", "rank"))
+    spos, sscore, srank, sdest = jax.jit(sorted_evict_slots)(
+        pos, score, rank, new_pos, new_score, new_rank
+    )
+    assert sscore.dtype == srank.dtype == jnp.float32 and sdest.dtype == jnp.int32
+    _assert_same_set(spos, sscore, numpy_write_rows(k, sdest, new_k), gpos, gscore, gk)

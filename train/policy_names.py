@@ -1,0 +1,104 @@
+"""Policy names -> per-layer policy tables: the one parser behind `smartkv eval`, `smartkv
+generate --policy` and `eval/bench_decode.py`.
+
+A name is a base name with optional suffixes, in any order:
+
+    full window recent h2o tova snapkv knorm random oracle gated   every layer of that kind
+    gated-only                                                     every layer gated
+    hybrid                                                         the seed's per-layer rule
+    hybrid-calibrated                                              calibrated from labels (below)
+    PATH.json                                                      a policy table file
+    :mask    hide expired slots from attention in gated and oracle layers
+    :expiry  rank gated and oracle slots by predicted expiry instead of age-discounted life
+
+"hybrid-calibrated" needs `calibrated`: a label store (`smartkv labels` output; the table is
+derived for each context and budget by `train.calibrate.calibrate`) or a JSON table, in whose
+path "{mf}" is replaced by the memory fraction (calib_{mf}.json -> calib_0.125.json). It lives
+in train/ because calibration reads label stores. See docs/design.md (policies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from smartkv_jax.policy import POLICY_KINDS, LifespanPolicy
+from smartkv_jax.policy_table import PolicyConfig, make_policy
+
+CALIBRATED = "hybrid-calibrated"
+MASK = ":mask"
+EXPIRY = ":expiry"
+LIBRARY_NAMES = ("gated-only", "hybrid", *POLICY_KINDS)  # what policy_table.make_policy reads
+
+
+def split_name(name: str) -> tuple[str, frozenset[str]]:
+    """(base name, its trailing MASK / EXPIRY suffixes, in any order)."""
+    found: set[str] = set()
+    while name.endswith((MASK, EXPIRY)):
+        suffix = MASK if name.endswith(MASK) else EXPIRY
+        found.add(suffix)
+        name = name.removesuffix(suffix)
+    return name, frozenset(found)
+
+
+def base_name(name: str) -> str:
+    """A policy name without its MASK / EXPIRY suffixes."""
+    return split_name(name)[0]
+
+
+def is_label_store(path: str) -> bool:
+    """True when `path` is a label store (`smartkv labels` output) rather than a table."""
+    return (Path(path) / "metadata.json").is_file()
+
+
+def parse_policy(
+    name: str,
+    num_layers: int,
+    context: int,
+    memory_fraction: float | None = None,
+    calibrated: str | None = None,
+) -> PolicyConfig:
+    """The policy `name` (see the module docstring) at `context` tokens, named `name`.
+
+    memory_fraction: of the full cache at `context` (None: 1.0, or a calibrated table's own).
+    Raises ValueError for an unknown name, for hybrid-calibrated without `calibrated`, and
+    when the budget is too small for the policy (e.g. the hybrid rule); FileNotFoundError for
+    a missing table.
+    """
+    base, suffixes = split_name(name)
+    if base == CALIBRATED:
+        policy = _calibrated(calibrated, num_layers, context, memory_fraction)
+    elif base in LIBRARY_NAMES or base.endswith(".json"):
+        mf = 1.0 if memory_fraction is None else memory_fraction
+        policy = make_policy(base, num_layers, context, mf)
+    else:
+        raise ValueError(
+            f"unknown policy {name!r}; use {', '.join(LIBRARY_NAMES)}, {CALIBRATED} or a .json "
+            f"policy table, optionally with {MASK!r} / {EXPIRY!r} suffixes"
+        )
+    changes = {}
+    if MASK in suffixes:
+        changes["mask_expired"] = True
+    if EXPIRY in suffixes:
+        changes["discount"] = None
+    layers = tuple(
+        dataclasses.replace(p, **changes) if isinstance(p, LifespanPolicy) else p
+        for p in policy.layers
+    )
+    return dataclasses.replace(policy, layers=layers, name=name)
+
+
+def _calibrated(
+    calibrated: str | None, num_layers: int, context: int, memory_fraction: float | None
+) -> PolicyConfig:
+    """The hybrid-calibrated table from a label store or a (per-budget) JSON table."""
+    if calibrated is None:
+        raise ValueError(f"{CALIBRATED} needs a label store or a policy table (--calibrated PATH)")
+    if is_label_store(calibrated):
+        from .calibrate import calibrate  # imports the gate trainer: only when asked
+
+        return calibrate(calibrated, context, memory_fraction)
+    path = calibrated
+    if memory_fraction:
+        path = path.replace("{mf}", f"{memory_fraction:g}")
+    return PolicyConfig.from_file(path, num_layers)
