@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from smartkv_jax import gates as gate_mod
-from train.train_gates import label_of, load_gates, open_store, r2_per_head
+from smartkv_jax.gate_checkpoint import load_gates
+from train.label_store import label_of, open_store
+from train.metrics import r2_per_head
 
 SINKS = 4
 

@@ -115,7 +115,7 @@ def _gates(m, ckpt: str | None):
     from smartkv_jax import gates as gate_mod
 
     if ckpt:
-        from train.train_gates import load_gates
+        from smartkv_jax.gate_checkpoint import load_gates
 
         return load_gates(ckpt)[0], ckpt
     cfg = gate_mod.GateConfig(m.cfg.num_layers, m.cfg.num_kv_heads, m.cfg.head_dim)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from smartkv_jax.config import ModelConfig
+from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig
 from train.policy_names import parse_policy
 
@@ -35,8 +35,7 @@ class SweepData:
     loaded on first use and their description checked against the results directory."""
 
     store: ResultStore
-    params: Any
-    cfg: ModelConfig
+    model: Transformer
     tokenizer: Any
     settings: SweepSettings
     progress: bool
@@ -45,7 +44,7 @@ class SweepData:
         """The entry's policy at `context` tokens (ValueError: a budget it cannot meet)."""
         return parse_policy(
             entry.policy,
-            self.cfg.num_layers,
+            self.model.cfg.num_layers,
             context,
             entry.memory_fraction,
             self.settings.calibrated,
@@ -77,9 +76,7 @@ class SweepData:
         if (self.store.dir / name).is_file():
             return self.store.load_array(name)
         tokens_BT = np.stack([b.ids for b in self.books])
-        arr = ppl_mod.oracle_for_books(
-            self.params, self.cfg, tokens_BT, self.settings.tau, self.progress
-        )
+        arr = ppl_mod.oracle_for_books(self.model, tokens_BT, self.settings.tau, self.progress)
         self.store.save_array(name, arr.astype(np.float32))
         return arr
 
@@ -122,8 +119,7 @@ def _needle_section(settings: NeedleSettings, prompts, tokenizer: Any) -> dict[s
 
 def run_sweep(
     out_dir: str | os.PathLike,
-    params,
-    cfg: ModelConfig,
+    model: Transformer,
     tokenizer: Any,
     settings: SweepSettings,
     *,
@@ -140,14 +136,20 @@ def run_sweep(
     sweep's entries (stored earlier or now), in entry order.
     """
     store = ResultStore(out_dir)
-    model = {"name": model_name, "config": json.loads(cfg.to_json())}
-    store.check_config("model", {**model, "dtype": str(params["embed"].dtype)})
+    store.check_config(
+        "model",
+        {
+            "name": model_name,
+            "config": json.loads(model.cfg.to_json()),
+            "dtype": str(model.dtype),
+        },
+    )
     store.check_config("oracle_tau", settings.tau)
     store.check_config("gates", gates_info if gates is not None else None)
     entries = sweep_entries(settings)
     done = store.done()
     todo = [e for e in entries if e.key not in done]
-    data = SweepData(store, params, cfg, tokenizer, settings, progress)
+    data = SweepData(store, model, tokenizer, settings, progress)
     if gates is None and any(_needs_gates(e, data) for e in todo):
         raise ValueError(
             "gated-only and hybrid need gates: pass a checkpoint (--gates DIR) or "
@@ -198,8 +200,7 @@ def _run_ppl(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[str,
     if row["memory_fraction"] is None:
         row["memory_fraction"] = round(policy.memory_fraction(s.tokens), 6)
     res = ppl_mod.evaluate_perplexity(
-        data.params,
-        data.cfg,
+        data.model,
         policy,
         data.books,
         chunk=s.chunk,
@@ -231,10 +232,9 @@ def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[s
         row["memory_fraction"] = round(top.memory_fraction(max(s.contexts)), 6)
     oracle_fn = None
     if top.needs_oracle:
-        oracle_fn = ndl.needle_oracle(data.params, data.cfg, data.settings.tau, data.tokenizer)
+        oracle_fn = ndl.needle_oracle(data.model, data.settings.tau, data.tokenizer)
     res = ndl.evaluate_needle(
-        data.params,
-        data.cfg,
+        data.model,
         data.tokenizer,
         functools.partial(data.policy, e),
         data.prompts,

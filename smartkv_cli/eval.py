@@ -202,7 +202,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
 def load_eval_gates(args: argparse.Namespace, cfg: ModelConfig):
     """(gates, description) from --gates / --random-gates, or (None, None)."""
     if args.gates:
-        from train.train_gates import load_gates
+        from smartkv_jax.gate_checkpoint import load_gates
 
         gates, meta = load_gates(args.gates)
         info = {
@@ -237,8 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         gates, info = load_eval_gates(args, m.cfg)
         run_sweep(
             args.out,
-            m.params,
-            m.cfg,
+            m.model,
             m.tokenizer,
             settings,
             model_name=args.model,

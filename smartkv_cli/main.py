@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if policy.needs_gates:
         if not args.gates:
             raise ValueError(f"policy {args.policy!r} has gated layers: pass --gates CKPT_DIR")
-        from train.train_gates import load_gates
+        from smartkv_jax.gate_checkpoint import load_gates
 
         gates, _ = load_gates(args.gates)
     kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk, policy=policy, gates=gates)
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from eval.analyze import add_cli as add_analyze_cli
     from smartkv_cli.eval import add_eval_cli
-    from train.train_gates import add_cli as add_train_cli
+    from smartkv_cli.train_gates import add_cli as add_train_cli
 
     add_train_cli(sub)
     add_analyze_cli(sub)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from smartkv_jax.cache import init_cache
 from smartkv_jax.config import ModelConfig
@@ -25,6 +28,19 @@ def full_logits(model, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
     cache = init_cache(cfg, policy, b, model.dtype)
     out = model(jnp.asarray(tokens_BT), jnp.asarray(pos, jnp.int32), cache, policy)
     return np.asarray(model.logits(out.hidden))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache, aux):
+    model = nnx.merge(graph, state)
+    out = model(tokens_BC, pos_BC, cache, policy, aux)
+    return model.logits(out.hidden), out.cache
+
+
+def chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache, aux=None):
+    """Logits [B, C, V] of every position of a chunk and the updated cache (jitted)."""
+    tokens_BC, pos_BC = jnp.asarray(tokens_BC, jnp.int32), jnp.asarray(pos_BC, jnp.int32)
+    return _chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache, aux)
 
 
 def tiny_config(**overrides) -> ModelConfig:

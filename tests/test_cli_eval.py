@@ -41,7 +41,7 @@ def test_flags_default_to_the_settings():
 def test_sweep_from_the_command_line(tmp_path, monkeypatch, capsys):
     write_books(tmp_path / "books")
     write_haystack(tmp_path / "hay")
-    model = SimpleNamespace(cfg=CFG, params=tiny_params(), tokenizer=CharTokenizer(), source="t")
+    model = SimpleNamespace(cfg=CFG, model=tiny_params(), tokenizer=CharTokenizer(), source="t")
     monkeypatch.setattr(E, "load_model", lambda name, dtype="float32": model)
     out = str(tmp_path / "res")
     common = [

@@ -3,7 +3,6 @@ prefill / question / greedy-decode path against `generate`."""
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -13,9 +12,9 @@ import pytest
 
 from eval import needle as N
 from smartkv_jax import gates as gate_mod
-from smartkv_jax import model
 from smartkv_jax.cache import init_cache
-from smartkv_jax.policy import PolicyConfig
+from smartkv_jax.model import Transformer
+from smartkv_jax.policy_table import PolicyConfig
 
 from .conftest import tiny_config
 
@@ -43,32 +42,25 @@ def write_haystack(folder, n_sentences: int = 80) -> None:
         (folder / name).write_text(text)
 
 
-@jax.jit
-def _init(key):
-    p = model.init_params(CFG, key)
-    return jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 3 else a, p)
-
-
-def tiny_params(seed: int = 0):
-    """Random weights for CFG (scaled up so attention is not uniform); one compiled call."""
-    return _init(jax.random.PRNGKey(seed))
+def tiny_params(seed: int = 0) -> Transformer:
+    """A random model of CFG (weights scaled up so attention is not uniform)."""
+    m = Transformer.init_random(CFG, jax.random.PRNGKey(seed))
+    return jax.tree_util.tree_map(lambda a: a * 8 if a.ndim == 3 else a, m)
 
 
 @jax.jit
-def _greedy_and_gate_scores(params, tokens_BT, gates):
+def _greedy_and_gate_scores(model, tokens_BT, gates):
     """One full-cache forward pass: greedy next tokens [B, T] and every layer's gate
     predictions on its pre-RoPE keys [L, B, K, T]."""
     b, t = tokens_BT.shape
     full = PolicyConfig.uniform(CFG.num_layers).resolve(t)
     pos = jnp.tile(jnp.arange(t)[None], (b, 1))
-    hidden, _, kpre = model.forward(
-        params, CFG, full, tokens_BT, pos, init_cache(CFG, full, b), probe=lambda q, k, kp: kp
-    )
+    out = model(tokens_BT, pos, init_cache(CFG, full, b), full, probe=lambda q, k, kp: kp)
     y = [
-        gate_mod.apply_layer(gate_mod.layer_params(gates, i), kpre[i], pos)
+        gate_mod.apply_layer(gate_mod.layer_params(gates, i), out.probes[i], pos)
         for i in range(CFG.num_layers)
     ]
-    return model.logits(params, CFG, hidden).argmax(-1), jnp.stack(y)
+    return model.logits(out.hidden).argmax(-1), jnp.stack(y)
 
 
 def test_needle_is_placed_at_the_requested_depth(tmp_path):
@@ -144,7 +136,7 @@ def test_needle_decode_matches_generate_and_reports_scores(tmp_path):
     )
     gcfg = gate_mod.GateConfig(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim)
     g = gate_mod.init_gates(gcfg, jax.random.PRNGKey(1))
-    g = dataclasses.replace(g, w_out=g.w_out + 0.1)  # non-constant predictions
+    g.w_out[...] = g.w_out[...] + 0.1  # non-constant predictions
 
     def oracle_fn(p):
         t = len(p.ids) + len(p.question)
@@ -152,7 +144,6 @@ def test_needle_decode_matches_generate_and_reports_scores(tmp_path):
 
     res = N.evaluate_needle(
         params,
-        CFG,
         tok,
         lambda c: PolicyConfig.uniform(3),
         prompts,

@@ -5,32 +5,21 @@ from __future__ import annotations
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eval import perplexity as P
 from smartkv_jax import data as text_data
-from smartkv_jax import model
-from smartkv_jax.cache import init_cache
-from smartkv_jax.policy import LayerPolicy, PolicyConfig
+from smartkv_jax.policy import OraclePolicy, WindowPolicy
+from smartkv_jax.policy_table import PolicyConfig
 
+from .conftest import full_logits
 from .test_eval_needle import CFG, tiny_params
 
 
-@jax.jit
-def _full_pass_logits(params, tokens_BT):
-    """Logits [B, T, V] of one forward pass over whole sequences (full cache)."""
-    b, t = tokens_BT.shape
-    policy = PolicyConfig.uniform(CFG.num_layers).resolve(t)
-    pos = jnp.tile(jnp.arange(t, dtype=jnp.int32)[None], (b, 1))
-    hidden, _ = model.forward(params, CFG, policy, tokens_BT, pos, init_cache(CFG, policy, b))
-    return model.logits(params, CFG, hidden)
-
-
-def _reference_nll(params, tokens_BT: np.ndarray) -> np.ndarray:
-    logits = np.asarray(_full_pass_logits(params, jnp.asarray(tokens_BT)), np.float64)
+def _reference_nll(model, tokens_BT: np.ndarray) -> np.ndarray:
+    """NLL [B, T-1] of one forward pass over whole sequences (full cache)."""
+    logits = full_logits(model, tokens_BT).astype(np.float64)
     m = logits.max(-1, keepdims=True)
     lse = (m[..., 0] + np.log(np.exp(logits - m).sum(-1)))[:, :-1]
     tgt = np.take_along_axis(logits[:, :-1], tokens_BT[:, 1:, None], -1)[..., 0]
@@ -43,7 +32,7 @@ def test_streaming_full_policy_equals_one_forward_pass(chunk):
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 40)).astype(np.int32)
     want = _reference_nll(params, tokens)
     got, cache = P.streaming_nll(
-        params, CFG, PolicyConfig.uniform(3), tokens, chunk=chunk, progress=False
+        params, PolicyConfig.uniform(3), tokens, chunk=chunk, progress=False
     )
     assert got.shape == (2, 39)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -55,9 +44,9 @@ def test_small_budget_changes_perplexity_and_memory_is_measured():
     params = tiny_params()
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 40)).astype(np.int32)
     books = [P.Book(f"b{i}", row) for i, row in enumerate(tokens)]
-    pol = PolicyConfig.uniform(3, LayerPolicy("window", capacity=10, n_sink=2))
-    res = P.evaluate_perplexity(params, CFG, pol, books, chunk=7, progress=False)
-    full = P.evaluate_perplexity(params, CFG, PolicyConfig.uniform(3), books, progress=False)
+    pol = PolicyConfig.uniform(3, WindowPolicy(capacity=10, n_sink=2))
+    res = P.evaluate_perplexity(params, pol, books, chunk=7, progress=False)
+    full = P.evaluate_perplexity(params, PolicyConfig.uniform(3), books, progress=False)
     assert res.protocol == "chunked(7), approximate"
     assert full.protocol == "token-by-token (exact)"
     assert res.memory_actual == pytest.approx(10 / 40)
@@ -70,14 +59,14 @@ def test_small_budget_changes_perplexity_and_memory_is_measured():
 def test_oracle_policy_streams_with_true_lifespans():
     params = tiny_params()
     tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 32)).astype(np.int32)
-    oracle = P.oracle_for_books(params, CFG, tokens, tau=0.05, progress=False)
+    oracle = P.oracle_for_books(params, tokens, tau=0.05, progress=False)
     assert oracle.shape == (3, 2, 2, 32)
     assert (oracle >= 0).all() and oracle.max() > 0
-    pol = PolicyConfig.uniform(3, LayerPolicy("oracle", capacity=8, n_sink=1, recent=2))
-    nll, _ = P.streaming_nll(params, CFG, pol, tokens, chunk=1, oracle_LBKT=oracle, progress=False)
+    pol = PolicyConfig.uniform(3, OraclePolicy(capacity=8, n_sink=1, recent=2))
+    nll, _ = P.streaming_nll(params, pol, tokens, chunk=1, oracle_LBKT=oracle, progress=False)
     assert np.isfinite(nll).all()
     with pytest.raises(ValueError, match="oracle"):
-        P.streaming_nll(params, CFG, pol, tokens, progress=False)
+        P.streaming_nll(params, pol, tokens, progress=False)
 
 
 def test_protocol_names():

@@ -60,13 +60,12 @@ def setup(tmp_path_factory):
     )
     gcfg = GateConfig(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim)
     gates = init_gates(gcfg, jax.random.PRNGKey(0))
-    params = tiny_params()
+    model = tiny_params()
 
     def sweep(out, on_result=None, s=settings):
         return run_sweep(
             out,
-            params,
-            CFG,
+            model,
             CharTokenizer(),
             s,
             model_name="tiny",
@@ -79,7 +78,9 @@ def setup(tmp_path_factory):
     full_dir = root / "uninterrupted"
     rows = sweep(full_dir)
     write_report(full_dir, n_boot=200)
-    return SimpleNamespace(root=root, settings=settings, sweep=sweep, full_dir=full_dir, rows=rows)
+    return SimpleNamespace(
+        root=root, settings=settings, sweep=sweep, full_dir=full_dir, rows=rows, model=model
+    )
 
 
 def _strip(rows):
@@ -144,5 +145,5 @@ def test_changed_settings_are_refused(setup):
 
 def test_missing_gates_are_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="need gates"):
-        run_sweep(tmp_path, tiny_params(), CFG, CharTokenizer(), setup.settings,
+        run_sweep(tmp_path, setup.model, CharTokenizer(), setup.settings,
                   model_name="tiny", progress=False)  # fmt: skip

@@ -12,8 +12,9 @@ from smartkv_jax.generate import generate, prefill
 from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig
 from smartkv_jax.sampling import SamplingConfig, sample
+from smartkv_jax.step import split_model
 
-from .conftest import full_logits, tiny_config
+from .conftest import chunk_logits, full_logits, tiny_config
 
 CFG = tiny_config(vocab_size=61, eos_token_ids=(3,))
 
@@ -26,9 +27,10 @@ def params():
 
 
 def _chunk_logits(model, policy, tokens_BC, pos_BC, cache):
-    """Logits [B, C, V] of a chunk and the updated cache (eager forward)."""
-    out = model(jnp.asarray(tokens_BC), jnp.asarray(pos_BC, jnp.int32), cache, policy)
-    return np.asarray(model.logits(out.hidden)), out.cache
+    """Logits [B, C, V] of a chunk and the updated cache."""
+    graph, state = split_model(model, cache)
+    logits, cache = chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache)
+    return np.asarray(logits), cache
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 40])

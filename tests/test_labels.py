@@ -99,7 +99,7 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
 
     from smartkv_jax import model
     from train.labels import extract_labels
-    from train.train_gates import open_store
+    from train.label_store import open_store
 
     cfg = tiny_config()
     params = model.init_params(cfg, jax.random.PRNGKey(0))

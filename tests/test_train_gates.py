@@ -1,5 +1,6 @@
-"""Gate training (train/train_gates.py): planted-function recovery, sharded and multi-process
-runs against one device, kill-and-resume, damaged and mismatched checkpoints, the CLI."""
+"""Gate training (train/train_gates.py, train/train_state.py, smartkv_cli/train_gates.py):
+planted-function recovery, sharded and multi-process runs against one device, kill-and-resume,
+damaged and mismatched checkpoints, the CLI."""
 
 from __future__ import annotations
 
@@ -14,80 +15,18 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from smartkv_cli.train_gates import GATE_HELP, TRAIN_HELP, add_cli
+from smartkv_jax.gate_checkpoint import CheckpointCorruptError, CheckpointMismatchError, load_gates
 from smartkv_jax.gates import GateConfig
-from train.train_gates import (
-    CheckpointCorruptError,
-    CheckpointMismatchError,
-    TrainConfig,
-    _loss_fn,
-    add_cli,
-    load_gates,
-    open_store,
-    r2_per_head,
-    train_gates,
-)
+from train.metrics import r2_per_head
+from train.train_gates import TrainConfig, train_gates
+
+from .label_stores import D, K, L, make_store
 
 REPO = Path(__file__).resolve().parents[1]
-L, K, D = 2, 3, 8
-T, CAP = 128, 64
-TAUS = (0.05, 0.11)
-
-
-def make_store(path: Path, *, n_windows: int, seed: int, model: str = "synthetic") -> Path:
-    """A label store with the schema of train/labels.py whose lifespans are a planted smooth
-    function of the key (different per head and tau), rounded and clipped at the cap."""
-    import datasets
-
-    rng = np.random.default_rng(seed)
-    plant = np.random.default_rng(1234)  # the same planted function for every store
-    w_TLKD = plant.normal(size=(len(TAUS), L, K, D)) / np.sqrt(D)
-    mu_LKD = plant.normal(size=(L, K, D)) * 3
-    scale_LKD = np.exp(plant.normal(size=(L, K, D)))
-    n = n_windows * T
-    keys = (rng.normal(size=(n, L, K, D)) * scale_LKD + mu_LKD).astype(np.float32)
-    z = np.einsum("nlkd,tlkd->ntlk", (keys - mu_LKD) / scale_LKD, w_TLKD)
-    life = np.clip(np.round(4.0 ** (1.8 + 1.4 * np.tanh(z)) - 1), 0, CAP).astype(np.int32)
-    pos = np.tile(np.arange(T, dtype=np.int32), n_windows)
-    features = datasets.Features(
-        {
-            "key": datasets.Array3D((L, K, D), "float32"),
-            "lifespan": datasets.Array3D((len(TAUS), L, K), "int32"),
-            "censored": datasets.Value("bool"),
-            "pos": datasets.Value("int32"),
-            "doc": datasets.Value("string"),
-            "window": datasets.Value("int32"),
-        }
-    )
-    ds = datasets.Dataset.from_dict(
-        {
-            "key": keys,
-            "lifespan": life,
-            "censored": pos > T - 1 - CAP,
-            "pos": pos,
-            "doc": ["book.txt"] * n,
-            "window": np.repeat(np.arange(n_windows, dtype=np.int32), T),
-        },
-        features=features,
-    )
-    path.mkdir(parents=True)
-    ds.save_to_disk(str(path / "data"))
-    meta = {
-        "model": model,
-        "taus": list(TAUS),
-        "window": T,
-        "cap": CAP,
-        "sources": ["book.txt"],
-        "num_layers": L,
-        "num_kv_heads": K,
-        "head_dim": D,
-        "n_windows": n_windows,
-    }
-    (path / "metadata.json").write_text(json.dumps(meta))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +73,8 @@ def _cli(stores, ckpt: Path, out: Path, extra=(), devices: int = 1, **popen):
     cmd = [
         sys.executable,
         "-m",
-        "train.train_gates",
+        "smartkv_cli.main",
+        "train-gates",
         f"--train={stores['train']}",
         f"--eval={stores['test']}",
         f"--ckpt-dir={ckpt}",
@@ -164,22 +104,6 @@ def _assert_params_close(a, b, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=atol)
 
 
-def test_store_opens_with_the_labels_schema(stores):
-    s = open_store(stores["train"])
-    assert s.shape == (L, K, D) and s.num_rows == 8 * T
-    assert s.keys_NLKD.shape == (8 * T, L, K, D) and s.keys_NLKD.dtype == np.float32
-    assert s.lifespan_NTLK.shape == (8 * T, 2, L, K)
-    np.testing.assert_allclose(s.labels(0.11)[5], np.log1p(s.lifespan_NTLK[5, 1]) / np.log(4))
-    assert s.censored_N.sum() == 8 * (CAP - 1) + 8 and s.pos_N[T + 3] == 3
-    with pytest.raises(ValueError, match=r"tau 0.2 is not in label store"):
-        s.tau_index(0.2)
-    with pytest.raises(FileNotFoundError, match="not a label store"):
-        open_store(stores["root"])
-    other = make_store(stores["root"] / "other_model", n_windows=1, seed=2, model="other")
-    with pytest.raises(ValueError, match="cannot join label stores .*: model differs"):
-        open_store([stores["train"], other])
-
-
 def test_recovers_planted_function(stores):
     cfg = TrainConfig(steps=200, batch_size=256, lr=1e-2, warmup=20, eval_every=100)
     params, hist = train_gates(stores["train"], stores["test"], cfg, None, progress=False)
@@ -194,24 +118,8 @@ def test_recovers_planted_function(stores):
     np.testing.assert_allclose(r2_nosink, summary["nosink"]["r2_LK"], atol=1e-3)
 
 
-def test_censored_loss_only_penalises_predictions_below_the_bound(stores):
-    from smartkv_jax.gates import flatten_heads, init_gates
-
-    gate = GateConfig(1, 1, 4, hidden=0)
-    params = flatten_heads(init_gates(gate, jax.random.key(0)))  # predicts 0 everywhere
-    batch = {
-        "keys": jnp.ones((3, 1, 4)),
-        "pos": jnp.array([10, 11, 12]),
-        "y": jnp.array([[1.0], [-1.0], [2.0]]),  # prediction 0 is below, above, below
-        "lb": jnp.array([[True], [True], [False]]),
-        "w": jnp.ones(3),
-    }
-    cfg = TrainConfig(loss="censored")
-    got = float(_loss_fn(cfg, jnp.ones(1), params, batch))
-    np.testing.assert_allclose(got, (1.0 + 0.0 + 4.0) / 3, rtol=1e-6)
-    mse = float(_loss_fn(dataclasses.replace(cfg, loss="mse"), jnp.ones(1), params, batch))
-    np.testing.assert_allclose(mse, (1.0 + 1.0 + 4.0) / 3, rtol=1e-6)
-    # and it trains (censored rows included) on a store
+def test_censored_loss_trains_on_a_store(stores):
+    """The censored loss (train/metrics.py) trains with the censored rows included."""
     cfg = TrainConfig(loss="censored", steps=100, batch_size=256, lr=1e-2, warmup=10)
     _, hist = train_gates(stores["train"], stores["test"], cfg, None, progress=False)
     assert hist["summary"]["median_r2"] > 0.6
@@ -342,3 +250,9 @@ def test_cli_flags_all_have_help():
         assert flag in text
     args = parser.parse_args(["train-gates", "--train", "x", "--loss", "censored"])
     assert args.loss == "censored" and callable(args.func)
+    # flags carry the configs' defaults, and turn into the configs
+    args = parser.parse_args(["train-gates", "--train", "x", "--keep", "5", "--no-key-norm"])
+    cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_HELP})
+    assert cfg == dataclasses.replace(TrainConfig(), keep_checkpoints=5)
+    gate = GateConfig(L, K, D, **{name: getattr(args, name) for name in GATE_HELP})
+    assert gate == GateConfig(L, K, D, key_norm=False)

@@ -25,12 +25,13 @@ import functools
 
 import numpy as np
 
-from smartkv_jax.policy import LayerPolicy, PolicyConfig
+from smartkv_jax.policy import GatedPolicy, RecentPolicy, WindowPolicy
+from smartkv_jax.policy_table import PolicyConfig
 
-from .train_gates import open_store
+from .label_store import open_store
 
 SPREAD = 1.0  # budget split between Little's law (0) and equal shares (large)
-DISCOUNT = 0.5  # gated layers rank by score - DISCOUNT * log4(1 + age) (LayerPolicy.discount)
+DISCOUNT = 0.5  # gated layers rank by score - DISCOUNT * log4(1 + age) (LifespanPolicy.discount)
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,8 +72,12 @@ def table_from_statistics(
     spread: float = SPREAD,
     margin: float = 2.0,
     discount: float | None = DISCOUNT,
+    block: int = 1,
 ) -> PolicyConfig:
-    """The calibration rule on per-layer statistics (as `layer_statistics` returns them)."""
+    """The calibration rule on per-layer statistics (as `layer_statistics` returns them).
+    block: round capacities above one block down to multiples of it, so a kernel that
+    reads the cache in blocks of that many slots never pads it (kernels.slot_block: 128 on
+    TPU; a cache of at most one block is read as one block of its own size)."""
     n = len(stats["q95"])
     kinds = np.where(
         stats["q95"] <= short,
@@ -91,14 +96,14 @@ def table_from_statistics(
     caps = np.zeros(n, int)
     caps[rest] = 48 + np.floor(spare * need / need.sum()).astype(int)
     caps = np.minimum(caps, context)
+    if block > 1:
+        caps = np.where(caps > block, caps // block * block, caps)
     layers = []
     for i in range(n):
         if kinds[i] == "window":
-            layers.append(LayerPolicy("window", capacity=36, n_sink=4))
+            layers.append(WindowPolicy(capacity=36, n_sink=4))
         elif kinds[i] == "recent":
-            layers.append(LayerPolicy("recent", capacity=int(caps[i])))
+            layers.append(RecentPolicy(capacity=int(caps[i])))
         else:
-            layers.append(
-                LayerPolicy("gated", capacity=int(caps[i]), margin=margin, discount=discount)
-            )
+            layers.append(GatedPolicy(capacity=int(caps[i]), margin=margin, discount=discount))
     return PolicyConfig(layers=tuple(layers), name="hybrid-calibrated")

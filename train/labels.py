@@ -1,8 +1,8 @@
 """Lifespan labels: run the model over windows of text, keep every pre-RoPE key and how long
 it is attended to (DESIGN.md: lifespan, label, censoring).
 
-Output is a label store: `metadata.json` plus a `datasets` Arrow dataset in `data/`, one row per
-(window, position) with the key of every layer and KV head.
+Output is a label store (train/label_store.py: `metadata.json` plus a `datasets` Arrow dataset in
+`data/`, one row per (window, position) with the key of every layer and KV head).
 
 With `facts` > 0 every window also holds synthetic retrieval facts (train/facts.py).
 """
@@ -29,6 +29,7 @@ from smartkv_jax.policy_table import PolicyConfig
 from smartkv_jax.step import chunk_step, split_model
 
 from .facts import fact_window
+from .label_store import StoreWriter
 
 DEFAULT_TAUS = (0.05, 0.11)
 
@@ -131,8 +132,6 @@ def extract_labels(
     window `first_window` (so stores with disjoint window ranges can be trained on together).
     `facts` > 0 puts that many retrieval facts in every window (`fact_window`; `seed` and the
     window fix them)."""
-    import datasets
-
     cfg = model.cfg
     if window > cfg.max_position:
         raise ValueError(f"window {window} exceeds the model's context of {cfg.max_position}")
@@ -162,27 +161,11 @@ def extract_labels(
                     tokenizer, text, window, facts, cap, [seed, zlib.crc32(f.name.encode()), w]
                 )[0]
             jobs.append((f.name, w, text))
-    shape = (cfg.num_layers, cfg.num_kv_heads)
-    features = datasets.Features(
-        {
-            "key": datasets.Array3D((*shape, cfg.head_dim), "float32"),
-            "lifespan": datasets.Array3D((len(taus), *shape), "int32"),
-            "censored": datasets.Value("bool"),
-            "pos": datasets.Value("int32"),
-            "doc": datasets.Value("string"),
-            "window": datasets.Value("int32"),
-        }
-    )
-    parts = []
+    writer = StoreWriter(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(taus))
     start = time.perf_counter()
     for doc, w, ids in tqdm(jobs, desc="labelling windows"):
-        lab = window_labels(model, ids, taus=taus, cap=cap, chunk=chunk)
-        lab.update(doc=[doc] * window, window=np.full(window, w, np.int32))
-        parts.append(datasets.Dataset.from_dict(lab, features=features))
+        writer.add_window(window_labels(model, ids, taus=taus, cap=cap, chunk=chunk), doc, w)
     seconds = time.perf_counter() - start
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets.concatenate_datasets(parts).save_to_disk(str(out / "data"))
     meta = {
         "model": model_name,
         "model_config": json.loads(cfg.to_json()),
@@ -199,5 +182,4 @@ def extract_labels(
         "n_windows": len(jobs),
         "tokens_per_s": len(jobs) * window / seconds,
     }
-    (out / "metadata.json").write_text(json.dumps(meta, indent=2))  # written last: complete
-    return meta
+    return writer.write(out_dir, meta)
