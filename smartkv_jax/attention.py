@@ -24,15 +24,19 @@ def attend(
 
     The cache part and the causal chunk part are computed separately and merged by their
     log-sum-exps, so the chunk never has to be copied into the cache first.
-    kernels: "pallas" (the TPU decode-attention kernel) or "reference" (plain jnp).
+    kernels: "pallas" (the TPU decode-attention kernel), "interpret" (that kernel in Pallas
+    interpret mode) or "reference" (plain jnp).
     Returns (out_BHCD float32, lse_BHC float32); lse is -inf for padding queries.
     """
     b, h, c, d = q_BHCD.shape
     kh = k_BKCD.shape[1]
     g = h // kh
     scale = d**-0.5
-    attend_cache = decode_attention if kernels == "pallas" else reference_decode_attention
-    out_c, lse_c = attend_cache(q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC, scale=scale)
+    args = (q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC)
+    if kernels == "reference":
+        out_c, lse_c = reference_decode_attention(*args, scale=scale)
+    else:
+        out_c, lse_c = decode_attention(*args, scale=scale, interpret=kernels == "interpret")
     qg = q_BHCD.reshape(b, kh, g, c, d).astype(jnp.float32)
     logits = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
     ok = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])  # [B, Cq, Ck]

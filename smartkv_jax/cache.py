@@ -48,7 +48,7 @@ class LayerCache:
 class KVCache:
     """All layers' caches: `groups[g]` stacks layers bounds[g][0] .. bounds[g][1]-1.
 
-    kernels: "pallas" or "reference", the implementation attention over this cache uses
+    kernels: "pallas", "interpret" or "reference", how attention over this cache runs
     (static: a jitted step compiles once per choice; see kernels.py).
     """
 

@@ -24,12 +24,17 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
 
-# Logical array axis -> mesh axis. None: replicated along that array axis.
+# Logical array axis -> mesh axis. None: replicated along that array axis. The model's and
+# the gates' nnx.Params name their axes with these (their `out_sharding` metadata).
 LOGICAL_RULES: dict[str, str | None] = {
     "batch": "data",
     "heads": "model",  # flattened (layer, KV head) axis of the gates
+    "q_heads": "model",  # query heads x head dim of the attention weights
     "kv_heads": "model",
+    "mlp": "model",  # MLP hidden units
     "layers": None,
+    "vocab": None,
+    "embed": None,
     "seq": None,
     "head_dim": None,
     "features": None,

@@ -146,3 +146,25 @@ def test_prefill_probes_cover_every_chunk(params):
 
 def _pre_rope_keys(q_BHCD, k_BKCD, k_pre_BKCD):
     return k_pre_BKCD
+
+
+def test_kernel_setting_is_explicit_and_the_kernel_path_matches(params):
+    """A cache built with kernels="interpret" runs the Pallas decode-attention kernel (in
+    interpret mode) inside the model; it gives the reference path's tokens and logits."""
+    from smartkv_jax.kernels import resolve_kernels, slot_block
+
+    assert resolve_kernels("auto") == "reference" and slot_block("auto") == 1  # a CPU here
+    assert slot_block("pallas") == 128
+    with pytest.raises(ValueError, match="unknown kernel mode"):
+        resolve_kernels("cuda")
+    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 12))
+    policy = PolicyConfig.uniform(CFG.num_layers).resolve(16)
+    pos = np.broadcast_to(np.arange(12), tokens.shape)
+    got = {}
+    for mode in ("reference", "interpret"):
+        cache = init_cache(CFG, policy, 2, kernels=mode)
+        assert cache.kernels == mode
+        first, cache = _chunk_logits(params, policy, tokens[:, :8], pos[:, :8], cache)
+        second, _ = _chunk_logits(params, policy, tokens[:, 8:], pos[:, 8:], cache)  # reads 8
+        got[mode] = np.concatenate([first, second], axis=1)
+    np.testing.assert_allclose(got["interpret"], got["reference"], atol=1e-4, rtol=0)

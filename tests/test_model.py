@@ -96,3 +96,36 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_dir(tmp_path / "missing")
     del transformers
+
+
+def test_every_weight_names_known_logical_axes():
+    import jax
+    from flax import nnx
+
+    from smartkv_jax.model import Transformer
+    from smartkv_jax.sharding import LOGICAL_RULES
+
+    from .conftest import tiny_config
+
+    model = Transformer.init_random(tiny_config(qkv_bias=True), jax.random.PRNGKey(0))
+    params = nnx.state(model, nnx.Param)
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert len(leaves) == 15  # embed, final_norm, lm_head and 12 stacked layer weights
+    for v in leaves:
+        axes = v.get_metadata("out_sharding")
+        assert len(axes) == v[...].ndim and set(axes) <= set(LOGICAL_RULES), axes
+
+
+def test_regroup_splits_layers_per_cache_group():
+    import jax
+    import numpy as np
+
+    from smartkv_jax.model import Transformer
+
+    from .conftest import tiny_config
+
+    model = Transformer.init_random(tiny_config(num_layers=3), jax.random.PRNGKey(0))
+    grouped = model.regroup(((0, 1), (1, 3)))
+    assert [s.wq[...].shape[0] for s in grouped.stacks] == [1, 2]
+    np.testing.assert_array_equal(grouped.stacks[1].wq[...][1], model.stacks[0].wq[...][2])
+    assert grouped.regroup(((0, 3),)).bounds == ((0, 3),)
