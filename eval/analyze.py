@@ -1,4 +1,4 @@
-"""Per-head analysis of trained gates on held-out labels (DESIGN.md: R², needle score).
+"""Per-head analysis of trained gates on held-out labels (docs/design.md: R², needle score).
 
     smartkv analyze --labels labels/test --gates ckpt_tau005 ckpt_tau011 --out results/analysis
 
@@ -47,13 +47,12 @@ def needle_scores(model_name: str, gates, context: int, depth: float) -> list[fl
     """Per-layer needle score (mean over KV heads) with the full cache."""
     from eval.needle import build_prompts, evaluate_needle
     from smartkv_jax.convert import load_model
-    from smartkv_jax.policy import make_policy
+    from smartkv_jax.policy_table import make_policy
 
     m = load_model(model_name)
     prompts = build_prompts(m.tokenizer, [context], [depth])
     res = evaluate_needle(
-        m.params,
-        m.cfg,
+        m.model,
         m.tokenizer,
         lambda n: make_policy("full", m.cfg.num_layers, n),
         prompts,

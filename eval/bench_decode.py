@@ -44,7 +44,7 @@ def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[lis
 
 def time_ours(m, prompts, new_tokens: int, policy, gates) -> tuple[float, int]:
     """(decode tokens/s, KV bytes) of our generate under `policy`."""
-    res = generate(m.params, m.cfg, prompts, new_tokens, stop_tokens=(), policy=policy, gates=gates)
+    res = generate(m.model, prompts, new_tokens, stop_tokens=(), policy=policy, gates=gates)
     return res.decode_tokens_per_s, res.cache.kv_bytes()
 
 

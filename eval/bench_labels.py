@@ -32,7 +32,7 @@ def child(window: int, method: str) -> dict:
     if method != "none":
         for _ in range(2):
             t = time.perf_counter()
-            window_labels(m.params, m.cfg, ids, taus=(0.05,), cap=window // 2, method=method)
+            window_labels(m.model, ids, taus=(0.05,), cap=window // 2, method=method)
             seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {

@@ -287,14 +287,13 @@ def _run_batch(
     p, q = len(prompts[0].ids), len(prompts[0].question)
     if any(len(x.ids) != p or len(x.question) != q for x in prompts):
         raise ValueError("a needle batch needs prompts of equal length")
-    aux = {"gates": gates}
-    if oracle_LBKT is not None:
-        aux["oracle"] = jnp.asarray(oracle_LBKT, jnp.float32)
+    aux = {} if oracle_LBKT is None else {"oracle": jnp.asarray(oracle_LBKT, jnp.float32)}
     res = generate(
         model,
         [x.question for x in prompts],
         max_new_tokens,
         policy=policy,
+        gates=gates,
         aux=aux,
         stop_tokens=stops,
         chunk=chunk,

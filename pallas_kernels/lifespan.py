@@ -3,7 +3,7 @@
 Shapes (letters in names): B batch, H query heads, K kv heads (H % K == 0, GQA group
 G = H // K; query head h reads kv head h // G), T tokens in the window, D head dim.
 
-Definition (DESIGN.md): with causal softmax attention A_g[i, j] (i >= j) of query head g,
+Definition (docs/design.md): with causal softmax attention A_g[i, j] (i >= j) of query head g,
 the lifespan of the key at position j of kv head h is
 
     L(j) = max{ i - j : i >= j, max over the G query heads g of h of A_g[i, j] > tau }

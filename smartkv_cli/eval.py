@@ -222,11 +222,10 @@ def load_eval_gates(args: argparse.Namespace, cfg: ModelConfig):
 
 def load_model(name: str, dtype_name: str = "float32"):
     """The model, tokenizer and source (smartkv_jax.convert.load_model)."""
-    import jax.numpy as jnp
-
+    from smartkv_jax.convert import DTYPES
     from smartkv_jax.convert import load_model as _load
 
-    return _load(name, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name])
+    return _load(name, DTYPES[dtype_name])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

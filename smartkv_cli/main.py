@@ -8,18 +8,13 @@ import sys
 from pathlib import Path
 
 
-def _dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from smartkv_jax.convert import load_model
-    from smartkv_jax.generate import SamplingConfig, generate
+    from smartkv_jax.convert import DTYPES, load_model
+    from smartkv_jax.generate import generate
+    from smartkv_jax.sampling import SamplingConfig
     from train.policy_names import parse_policy
 
-    m = load_model(args.model, _dtype(args.dtype))
+    m = load_model(args.model, DTYPES[args.dtype])
     prompts = args.prompt
     if args.chat:
         prompts = [
@@ -42,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         gates, _ = load_gates(args.gates)
     kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk, policy=policy, gates=gates)
-    res = generate(m.params, m.cfg, ids, args.max_new_tokens, **kwargs)
+    res = generate(m.model, ids, args.max_new_tokens, **kwargs)
     texts = [m.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
     report = {
         "model": m.source,
@@ -80,14 +75,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from train.labels import extract_labels
-
     from smartkv_jax.convert import load_model
+    from train.labels import extract_labels
 
     m = load_model(args.model)
     meta = extract_labels(
-        m.params,
-        m.cfg,
+        m.model,
         m.tokenizer,
         args.out,
         model_name=args.model,

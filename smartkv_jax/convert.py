@@ -22,6 +22,7 @@ from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedArchitectur
 from .model import Transformer
 
 DEFAULT_MODEL = "smollm2"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes by name
 
 
 class CheckpointError(ValueError):

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from .cache import KVCache, init_cache
+from .gates import Gates
 from .model import Probe, Transformer
 from .policy_table import PolicyConfig
 from .sampling import GREEDY, SamplingConfig, sample
@@ -197,6 +198,7 @@ def generate(
     max_new_tokens: int,
     *,
     policy: PolicyConfig | None = None,
+    gates: Gates | None = None,
     aux: dict[str, Any] | None = None,
     sampling: SamplingConfig = GREEDY,
     stop_tokens: Sequence[int] | None = None,
@@ -208,12 +210,14 @@ def generate(
     """Generate up to `max_new_tokens` for each prompt (lists of token ids).
 
     `policy` sets each layer's cache policy and capacity; by default every layer keeps the
-    whole sequence. aux: the side inputs its layers need ({"gates": Gates} for gated layers,
-    see smartkv_jax/gates.py). `stop_tokens` defaults to the model's EOS ids. context: text
+    whole sequence. gates: the lifespan gates gated layers need (smartkv_jax/gates.py); aux:
+    any other side input the policy's layers need (say {"oracle": true log4 lifespans
+    [L, B, K, T]}). `stop_tokens` defaults to the model's EOS ids. context: text
     read before each prompt in chunks of its own, so the cache is compressed to its budget
     before the prompt is seen. probe: collect a probe's outputs over the prefill chunks.
     """
     longest = _check_request(model, prompts, context, max_new_tokens)
+    aux = {"gates": gates, **(aux or {})}
     chunk = min(chunk, _pow2_at_least(longest))
     n_out = _pow2_at_least(max_new_tokens)
     max_len = _round_up(_round_up(longest, chunk) + n_out, 256)

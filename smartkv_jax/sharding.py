@@ -1,4 +1,4 @@
-"""Device mesh and NamedSharding helpers (DESIGN.md: sharding and scale).
+"""Device mesh and NamedSharding helpers (docs/design.md: sharding and scale).
 
 The mesh has two axes: "data" (batch rows are split over it) and "model" (heads are split
 over it). Gate parameters are sharded over "model" along their *flattened* head axis

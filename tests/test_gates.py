@@ -143,6 +143,12 @@ def test_gates_module_separates_weights_from_statistics():
     assert unflatten_heads(flat).b_in.get_metadata("out_sharding") == p.b_in.get_metadata(
         "out_sharding"
     )
+    mesh = shd.make_mesh()
+    for g in (p, flat):  # every variable names one known logical axis per array axis
+        for _, var in nnx.to_flat_state(nnx.state(g)):
+            axes = var.get_metadata("out_sharding")
+            assert len(axes) == var[...].ndim
+            shd.logical_sharding(mesh, axes)
 
 
 def test_config_validation_and_roundtrip():

@@ -17,7 +17,7 @@ INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_mem
 
 
 def numpy_lifespan(q_BHTD, k_BKTD, tau=0.05, scale=None):
-    """The DESIGN.md definition, literally, in float64."""
+    """The docs/design.md definition, literally, in float64."""
     q = np.asarray(q_BHTD, np.float64)
     k = np.asarray(k_BKTD, np.float64)
     B, H, T, D = q.shape

@@ -97,20 +97,18 @@ class _ByteTokenizer:
 def test_extract_labels_writes_a_readable_store(tmp_path):
     import jax
 
-    from smartkv_jax import model
-    from train.labels import extract_labels
+    from smartkv_jax.model import Transformer
     from train.label_store import open_store
+    from train.labels import extract_labels
 
-    cfg = tiny_config()
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    model = Transformer.init_random(tiny_config(), jax.random.PRNGKey(0))
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("the quick brown fox jumps " * 20)
     (tmp_path / "books" / "b.txt").write_text("over the lazy dog again " * 20)
 
     def label(out, **kw):
         return extract_labels(
-            params,
-            cfg,
+            model,
             _ByteTokenizer(),
             tmp_path / out,
             model_name="tiny",

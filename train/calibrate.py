@@ -25,6 +25,7 @@ import functools
 
 import numpy as np
 
+from smartkv_jax.kernels import slot_block
 from smartkv_jax.policy import GatedPolicy, RecentPolicy, WindowPolicy
 from smartkv_jax.policy_table import PolicyConfig
 
@@ -57,7 +58,9 @@ def calibrate(
     store_path: str, context: int, memory_fraction: float, *, tau: float = 0.05, **rule
 ) -> PolicyConfig:
     """A per-layer policy table using `memory_fraction` of the full cache at `context`, from
-    the lifespans of a label store (`rule`: keyword arguments of `table_from_statistics`)."""
+    the lifespans of a label store (`rule`: keyword arguments of `table_from_statistics`;
+    capacities round to the kernel's slot block where the Pallas kernels run)."""
+    rule.setdefault("block", slot_block())
     stats = layer_statistics(str(store_path), tau)
     return table_from_statistics(stats, context, memory_fraction, **rule)
 

@@ -1,5 +1,5 @@
 """Lifespan labels: run the model over windows of text, keep every pre-RoPE key and how long
-it is attended to (DESIGN.md: lifespan, label, censoring).
+it is attended to (docs/design.md: lifespan, label, censoring).
 
 Output is a label store (train/label_store.py: `metadata.json` plus a `datasets` Arrow dataset in
 `data/`, one row per (window, position) with the key of every layer and KV head).
@@ -69,7 +69,7 @@ def all_layer_lifespans(
 
 def censored(window: int, cap: int) -> np.ndarray:
     """[T] bool: keys after T - 1 - cap have fewer than cap later queries in the window, so
-    their lifespan is only a lower bound (DESIGN.md: censoring)."""
+    their lifespan is only a lower bound (docs/design.md: censoring)."""
     return np.arange(window) > window - 1 - cap
 
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from .train_gates import TrainConfig
 
 DECAYED = ("w_in", "w_out")  # weight decay on the weight matrices only
+# Checkpoints number the optimiser's leaves with the parameters in this order (the leaf order
+# of the gates' first pytree form), so checkpoints of every version resume.
+CKPT_PARAM_ORDER = ("w_in", "b_in", "w_out", "b_out")
 
 
 @functools.partial(
@@ -56,6 +59,22 @@ class TrainState:
     stats: nnx.State
     opt: Any
     step: jax.Array
+
+
+def checkpoint_order(opt) -> list[int]:
+    """Tree positions of the optimiser state's leaves in checkpoint order: tree order, with
+    the parameters inside each per-parameter group (Adam's mu, nu, ...) in CKPT_PARAM_ORDER."""
+    keys = []
+    for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(opt)):
+        names = [getattr(k, "key", None) for k in path]
+        at = next((j for j, n in enumerate(names) if n in CKPT_PARAM_ORDER), len(path))
+        group = jax.tree_util.keystr(path[:at])
+        rank = CKPT_PARAM_ORDER.index(names[at]) if at < len(path) else 0
+        keys.append((group, rank, i))
+    first = {}
+    for group, _, i in keys:
+        first.setdefault(group, i)
+    return [i for _, _, i in sorted(keys, key=lambda k: (first[k[0]], k[1]))]
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -90,6 +109,7 @@ class StateFns:
         self.gate, self.g_pad, self.mesh = gate, g_pad, mesh
         shape = jax.eval_shape(self._init, weights, stats)
         self.opt_def = jax.tree.structure(shape.opt)
+        self.opt_order = checkpoint_order(shape.opt)
         self.shardings = jax.tree.map(lambda a: shd.heads_sharding(mesh, a.ndim), shape)
         canon_shape = jax.eval_shape(self._to_canonical, shape)
         repl = jax.tree.map(lambda _: shd.replicated(mesh), canon_shape)
@@ -138,9 +158,10 @@ class StateFns:
 
     def _to_canonical(self, state: TrainState) -> dict[str, Any]:
         nl, nk = self.gate.num_layers, self.gate.num_kv_heads
+        leaves = jax.tree.leaves(state.opt)
         opt = {
-            str(i): (x[: nl * nk].reshape(nl, nk, *x.shape[1:]) if x.ndim >= 1 else x)
-            for i, x in enumerate(jax.tree.leaves(state.opt))
+            str(j): (x[: nl * nk].reshape(nl, nk, *x.shape[1:]) if x.ndim >= 1 else x)
+            for j, x in enumerate(leaves[i] for i in self.opt_order)
         }
         params = unflatten_heads(self.gates(state)).to_state()
         return {"params": params, "opt": opt, "step": state.step}
@@ -154,6 +175,8 @@ class StateFns:
             x = x.reshape(g, *x.shape[2:])
             return jnp.concatenate([x, jnp.zeros((self.g_pad - g, *x.shape[1:]), x.dtype)])
 
-        leaves = [c["opt"][str(i)] for i in range(len(c["opt"]))]
-        opt = [pad0(x) if x.ndim >= 2 else x for x in leaves]
+        opt = [None] * len(self.opt_order)
+        for j, i in enumerate(self.opt_order):
+            x = c["opt"][str(j)]
+            opt[i] = pad0(x) if x.ndim >= 2 else x
         return TrainState(weights, stats, jax.tree.unflatten(self.opt_def, opt), c["step"])
