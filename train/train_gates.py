@@ -150,6 +150,7 @@ def _open_stores(train_store, eval_store, cfg: TrainConfig, gate: GateConfig | N
 
 
 def _plan(train, held, cfg: TrainConfig, gate: GateConfig, mesh) -> _Plan:
+    """The run's padded head count, trainable rows in shards, and this process's share."""
     n_data = shd.mesh_shape(mesh)[0]
     if cfg.batch_size % n_data:
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of data={n_data}")
