@@ -12,7 +12,6 @@ and default from it. See docs/design.md (evaluation).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from eval.sweep_settings import (
     SweepSettings,
     sweep_entries,
 )
+from smartkv_cli.flags import add_field, field_values
 from smartkv_jax.config import ModelConfig
 
 _PPL, _NEEDLE, _SWEEP = PerplexitySettings(), NeedleSettings(), SweepSettings()
@@ -44,35 +44,11 @@ def _memory_arg(text: str) -> float:
     return x
 
 
-def _add_field(p: argparse.ArgumentParser, flag: str, settings: Any, field: str, **kw) -> None:
-    """Add `flag` with the default and type of `settings.<field>` (a tuple: nargs "+" and a
-    list default); `kw` adds to or overrides them."""
-    default = getattr(settings, field)
-    if isinstance(default, tuple):
-        kw = {"nargs": "+", "type": type(default[0]), **kw}
-        default = list(default)
-    elif default is not None:
-        kw = {"type": type(default), **kw}
-    p.add_argument(flag, default=default, **kw)
-
-
-def _field_values(cls: type, args: argparse.Namespace, **dests: str) -> dict[str, Any]:
-    """The fields of `cls` that `args` has a flag for (dest: the field's name or dests[name]),
-    lists as tuples."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        dest = dests.get(f.name, f.name)
-        if hasattr(args, dest):
-            value = getattr(args, dest)
-            out[f.name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help='model: "smollm2", a .gguf, an HF dir')
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default="eval_results", help="results directory (resumable)")
-    _add_field(
+    add_field(
         p,
         "--policies",
         _SWEEP,
@@ -83,7 +59,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "hybrid-calibrated:expiry ranks its gated keys by predicted expiry instead of "
         "age-discounted predicted life",
     )
-    _add_field(
+    add_field(
         p,
         "--memory",
         _SWEEP,
@@ -91,7 +67,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         type=_memory_arg,
         help="memory fractions of the full cache (0.125 or 12.5%%)",
     )
-    _add_field(
+    add_field(
         p,
         "--calibrated",
         _SWEEP,
@@ -106,14 +82,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="untrained random gates (to check the gated plumbing only)",
     )
-    _add_field(p, "--tau", _SWEEP, "tau", help="oracle labelling threshold")
-    _add_field(p, "--n-boot", _SWEEP, "n_boot", help="bootstrap resamples")
+    add_field(p, "--tau", _SWEEP, "tau", help="oracle labelling threshold")
+    add_field(p, "--n-boot", _SWEEP, "n_boot", help="bootstrap resamples")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_ppl(p: argparse.ArgumentParser) -> None:
-    _add_field(
+    add_field(
         p,
         "--text",
         _PPL,
@@ -122,21 +98,21 @@ def _add_ppl(p: argparse.ArgumentParser) -> None:
         '"local" (../shared/data/gutenberg or $SMARTKV_TEXT_DIR), or a directory of .txt '
         "files / one file",
     )
-    _add_field(p, "--books", _PPL, "books", help="books (batch rows)")
-    _add_field(p, "--tokens", _PPL, "tokens", help="tokens per book")
-    _add_field(
+    add_field(p, "--books", _PPL, "books", help="books (batch rows)")
+    add_field(p, "--tokens", _PPL, "tokens", help="tokens per book")
+    add_field(
         p,
         "--chunk",
         _PPL,
         "chunk",
         help="tokens per step: 1 is the exact protocol, more is a faster approximation",
     )
-    _add_field(p, "--pg19-dataset", _PPL, "pg19_dataset")
+    add_field(p, "--pg19-dataset", _PPL, "pg19_dataset")
 
 
 def _add_needle(p: argparse.ArgumentParser) -> None:
-    _add_field(p, "--haystack", _NEEDLE, "haystack", help="directory of .txt (default: PG essays)")
-    _add_field(p, "--contexts", _NEEDLE, "contexts")
+    add_field(p, "--haystack", _NEEDLE, "haystack", help="directory of .txt (default: PG essays)")
+    add_field(p, "--contexts", _NEEDLE, "contexts")
     p.add_argument(
         "--depths",
         nargs="+",
@@ -144,7 +120,7 @@ def _add_needle(p: argparse.ArgumentParser) -> None:
         default=[100 * d for d in _NEEDLE.depths],
         help="needle depths in percent of the haystack",
     )
-    _add_field(
+    add_field(
         p,
         "--format",
         _NEEDLE,
@@ -154,9 +130,9 @@ def _add_needle(p: argparse.ArgumentParser) -> None:
         help="prompt format: chat template, plain Question/Answer, or auto (chat if the "
         "tokenizer has a template)",
     )
-    _add_field(p, "--needle-chunk", _NEEDLE, "chunk", help="prefill chunk")
-    _add_field(p, "--max-new-tokens", _NEEDLE, "max_new_tokens")
-    _add_field(p, "--seed", _NEEDLE, "seed", help="needle numbers")
+    add_field(p, "--needle-chunk", _NEEDLE, "chunk", help="prefill chunk")
+    add_field(p, "--max-new-tokens", _NEEDLE, "max_new_tokens")
+    add_field(p, "--seed", _NEEDLE, "seed", help="needle numbers")
 
 
 def add_eval_cli(subparsers) -> argparse.ArgumentParser:
@@ -180,7 +156,7 @@ def add_eval_cli(subparsers) -> argparse.ArgumentParser:
     _add_common(r)
     _add_ppl(r)
     _add_needle(r)
-    _add_field(r, "--tasks", _SWEEP, "tasks", choices=TASKS)
+    add_field(r, "--tasks", _SWEEP, "tasks", choices=TASKS)
     r.add_argument("--no-run", action="store_true", help="only render the stored results")
     r.set_defaults(func=cmd_eval)
     return ev
@@ -189,12 +165,12 @@ def add_eval_cli(subparsers) -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     """The sweep's settings from the flags (a task's settings at their defaults when its
     subcommand has no flags for them); --depths is in percent."""
-    needle = _field_values(NeedleSettings, args, chunk="needle_chunk")
+    needle = field_values(NeedleSettings, args, chunk="needle_chunk")
     if "depths" in needle:
         needle["depths"] = tuple(d / 100 for d in needle["depths"])
     return SweepSettings(
-        **_field_values(SweepSettings, args),
-        ppl=PerplexitySettings(**_field_values(PerplexitySettings, args)),
+        **field_values(SweepSettings, args),
+        ppl=PerplexitySettings(**field_values(PerplexitySettings, args)),
         needle=NeedleSettings(**needle),
     )
 

@@ -10,13 +10,13 @@ training).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from smartkv_cli.flags import add_field
 from smartkv_jax import sharding as shd
 from smartkv_jax.gates import PAIRINGS, GateConfig
 from train.distributed import init_distributed
@@ -58,18 +58,15 @@ CHOICES = {"loss": LOSSES, "pair_norms": PAIRINGS}
 
 def _add_fields(p: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
     """One flag per entry of `helps`, with the type and default of that field of `cls`."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, text in helps.items():
-        default = defaults[name]
-        if isinstance(default, bool) and default:
-            flag = "--no-" + name.replace("_", "-")
-            p.add_argument(flag, dest=name, action="store_false", help=text)
+        if getattr(cls, name, None) is True:
+            add_field(p, "--no-" + name.replace("_", "-"), cls, name, help=text)
             continue
         flag = FLAGS.get(name, "--" + name.replace("_", "-"))
-        kw: dict[str, Any] = {"type": type(default), "default": default, "help": text}
+        kw: dict[str, Any] = {"dest": name, "help": text, "choices": CHOICES.get(name)}
         if name not in CHOICES:
             kw["metavar"] = flag[2:].replace("-", "_").upper()
-        p.add_argument(flag, dest=name, choices=CHOICES.get(name), **kw)
+        add_field(p, flag, cls, name, **kw)
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
