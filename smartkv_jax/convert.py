@@ -15,8 +15,10 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
 from .model import Transformer
@@ -63,28 +65,21 @@ _TOP_TENSORS = {
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def _abstract_state(cfg: ModelConfig, dtype: jnp.dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its state of shapes only (no memory, no random numbers)."""
+    abstract = nnx.eval_shape(lambda: Transformer.init_random(cfg, jax.random.PRNGKey(0), dtype))
+    return nnx.split(abstract)
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every weight, keyed "embed", "layers/wq", ... (layer axis first)."""
-    e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    hd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {
-        "embed": (cfg.vocab_size, e),
-        "final_norm": (e,),
-        "layers/attn_norm": (n, e),
-        "layers/wq": (n, e, hd),
-        "layers/wk": (n, e, kd),
-        "layers/wv": (n, e, kd),
-        "layers/wo": (n, hd, e),
-        "layers/mlp_norm": (n, e),
-        "layers/w_gate": (n, e, f),
-        "layers/w_up": (n, e, f),
-        "layers/w_down": (n, f, e),
+    """Shape of every weight, keyed "embed", "layers/wq", ... (layer axis first), read off
+    the model's own state."""
+    pure = nnx.to_pure_dict(_abstract_state(cfg, jnp.float32)[1])
+    layers = pure.pop("stacks")[0]
+    return {
+        **{k: v.shape for k, v in pure.items()},
+        **{f"layers/{k}": v.shape for k, v in layers.items()},
     }
-    if cfg.qkv_bias:
-        shapes.update({"layers/bq": (n, hd), "layers/bk": (n, kd), "layers/bv": (n, kd)})
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (e, cfg.vocab_size)
-    return shapes
 
 
 def _name_map(cfg: ModelConfig, gguf: bool) -> dict[str, tuple[str, int | None, bool]]:
@@ -144,13 +139,20 @@ def assemble_model(
         if missing:
             where = "" if missing == {None} else f" for layers {sorted(missing)[:8]}"
             raise CheckpointError(f"checkpoint has no tensor for {leaf}{where}")
-    weights: dict = {"layers": {}}
+    return _fill_model(cfg, buffers, dtype)
+
+
+def _fill_model(cfg: ModelConfig, buffers: dict[str, np.ndarray], dtype) -> Transformer:
+    """The model with its nnx state filled from weights keyed as in `expected_shapes`."""
+    pure: dict = {"stacks": {0: {}}}
     for key, buf in buffers.items():
         if key.startswith("layers/"):
-            weights["layers"][key.split("/", 1)[1]] = jnp.asarray(buf, dtype)
+            pure["stacks"][0][key.split("/", 1)[1]] = jnp.asarray(buf, dtype)
         else:
-            weights[key] = jnp.asarray(buf, dtype)
-    return Transformer.from_weights(cfg, weights)
+            pure[key] = jnp.asarray(buf, dtype)
+    graph, state = _abstract_state(cfg, dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graph, state)
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
