@@ -122,7 +122,7 @@ def _gates(m, ckpt: str | None):
     return gate_mod.init_gates(cfg, jax.random.PRNGKey(0)), "random init (speed only)"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
@@ -147,18 +147,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-torch", action="store_true", help="time only our implementation")
     ap.add_argument("--out", default="results/bench_decode")
     ap.add_argument("--torch-child", nargs=2, type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    if args.torch_child:  # one PyTorch measurement in its own process
-        ctx, batch = args.torch_child
-        hf = _torch_model(args.model)
-        prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
-        print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
-        return
+
+def _torch_child(args: argparse.Namespace) -> None:
+    """One PyTorch measurement in its own process: prints {"torch_tok_s": ...} as JSON."""
+    ctx, batch = args.torch_child
+    hf = _torch_model(args.model)
+    prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
+    print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
+
+
+def _measure(m, args: argparse.Namespace, gates) -> list[dict]:
+    """One row per (context, batch): PyTorch's tokens/s, then each policy's tokens/s and KV
+    bytes."""
     from train.policy_names import parse_policy
 
-    m = load_model(args.model)
-    gates, gates_src = _gates(m, args.gates)
     rows = []
     cases = [(c, b) for c in args.contexts for b in args.batches]
     for ctx, batch in tqdm(cases, desc="decode benchmark"):
@@ -175,34 +179,62 @@ def main(argv: list[str] | None = None) -> None:
             row[f"{name}_tok_s"], row[f"{name}_kv_bytes"] = tok_s, kv
         rows.append(row)
         tqdm.write(json.dumps(row))
-    base = args.policies[0]
+    return rows
+
+
+def _table_head(policies: list[str]) -> list[str]:
+    """Column names: PyTorch's rate, then per policy its rate, ratios and KV size."""
+    base = policies[0]
     head = ["context", "batch", "torch tok/s"]
-    for name in args.policies:
+    for name in policies:
         head += [f"{name} tok/s", f"{name} / torch", f"{name} KV MiB"]
         if name != base:
             head += [f"{name} / {base} speed", f"{name} / {base} KV"]
+    return head
+
+
+def _table_cells(r: dict, policies: list[str]) -> list[str]:
+    """The cells of one measured row, in `_table_head`'s order."""
+    base = policies[0]
+    cells = [str(r["context"]), str(r["batch"]), f"{r['torch_tok_s']:.1f}"]
+    for name in policies:
+        cells += [
+            f"{r[f'{name}_tok_s']:.1f}",
+            f"{r[f'{name}_tok_s'] / r['torch_tok_s']:.2f}x",
+            f"{r[f'{name}_kv_bytes'] / 2**20:.1f}",
+        ]
+        if name != base:
+            cells += [
+                f"{r[f'{name}_tok_s'] / r[f'{base}_tok_s']:.2f}x",
+                f"{r[f'{name}_kv_bytes'] / r[f'{base}_kv_bytes']:.3f}",
+            ]
+    return cells
+
+
+def _table(rows: list[dict], args: argparse.Namespace, source: str, gates_src: str) -> str:
+    """The Markdown report: a header line, then one table row per measured row."""
+    head = _table_head(args.policies)
     lines = [
-        f"model: {m.source}; new tokens: {args.new_tokens}; float32; CPU "
+        f"model: {source}; new tokens: {args.new_tokens}; float32; CPU "
         f"({jax.devices()[0].device_kind}); budget {args.budget}; gates: {gates_src}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---:|" * len(head),
     ]
     for r in rows:
-        cells = [str(r["context"]), str(r["batch"]), f"{r['torch_tok_s']:.1f}"]
-        for name in args.policies:
-            cells += [
-                f"{r[f'{name}_tok_s']:.1f}",
-                f"{r[f'{name}_tok_s'] / r['torch_tok_s']:.2f}x",
-                f"{r[f'{name}_kv_bytes'] / 2**20:.1f}",
-            ]
-            if name != base:
-                cells += [
-                    f"{r[f'{name}_tok_s'] / r[f'{base}_tok_s']:.2f}x",
-                    f"{r[f'{name}_kv_bytes'] / r[f'{base}_kv_bytes']:.3f}",
-                ]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        lines.append("| " + " | ".join(_table_cells(r, args.policies)) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    if args.torch_child:  # one PyTorch measurement in its own process
+        _torch_child(args)
+        return
+    m = load_model(args.model)
+    gates, gates_src = _gates(m, args.gates)
+    rows = _measure(m, args, gates)
+    table = _table(rows, args, m.source, gates_src)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

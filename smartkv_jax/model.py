@@ -125,6 +125,7 @@ class LayerUpdate:
 jax.tree_util.register_dataclass(
     LayerUpdate, data_fields=["pos", "score", "dest", "k", "v"], meta_fields=[]
 )
+BIASES = ("bq", "bk", "bv")  # Qwen2 / attention_bias only
 
 
 class LayerStack(nnx.Module):
@@ -133,12 +134,12 @@ class LayerStack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, jax.Array]):
         self.cfg = cfg
-        missing = {n for n in LAYER_AXES if not n.startswith("b")} - set(weights)
-        if missing or (cfg.qkv_bias and not {"bq", "bk", "bv"} <= set(weights)):
-            raise ValueError(f"layer weights missing: {sorted(missing) or 'bq/bk/bv'}")
-        for name, axes in LAYER_AXES.items():
-            if name in weights and (cfg.qkv_bias or not name.startswith("b")):
-                setattr(self, name, _param(weights[name], axes))
+        names = [n for n in LAYER_AXES if cfg.qkv_bias or n not in BIASES]
+        missing = sorted(set(names) - set(weights))
+        if missing:
+            raise ValueError(f"layer weights missing: {missing}")
+        for name in names:
+            setattr(self, name, _param(weights[name], LAYER_AXES[name]))
 
     def weights(self) -> dict[str, jax.Array]:
         """The stack's weights by name (each [N, ...])."""
