@@ -22,7 +22,7 @@ def _imported_packages(path: Path) -> set[str]:
 
 
 def layer_violations(root: Path = ROOT) -> list[str]:
-    """"file imports package" for every import that runs up a layer."""
+    """ "file imports package" for every import that runs up a layer."""
     bad = []
     for rank, layer in enumerate(LAYERS):
         for path in sorted((root / layer).rglob("*.py")):
