@@ -17,19 +17,6 @@ from smartkv_jax.policy_table import PolicyConfig
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def full_logits(model, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
-    """Logits [B, T, V] from one forward pass of a Transformer over whole (right-padded)
-    sequences."""
-    cfg = model.cfg
-    b, t = tokens_BT.shape
-    lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
-    pos = np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1)
-    policy = PolicyConfig.uniform(cfg.num_layers).resolve(t)
-    cache = init_cache(cfg, policy, b, model.dtype)
-    out = model(jnp.asarray(tokens_BT), jnp.asarray(pos, jnp.int32), cache, policy)
-    return np.asarray(model.logits(out.hidden))
-
-
 @partial(jax.jit, static_argnums=(0, 2))
 def _chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache, aux):
     model = nnx.merge(graph, state)
@@ -41,6 +28,18 @@ def chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache, aux=None):
     """Logits [B, C, V] of every position of a chunk and the updated cache (jitted)."""
     tokens_BC, pos_BC = jnp.asarray(tokens_BC, jnp.int32), jnp.asarray(pos_BC, jnp.int32)
     return _chunk_logits(graph, state, policy, tokens_BC, pos_BC, cache, aux)
+
+
+def full_logits(model, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
+    """Logits [B, T, V] from one forward pass of a Transformer over whole (right-padded)
+    sequences."""
+    b, t = tokens_BT.shape
+    lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
+    pos = np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1)
+    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t)
+    cache = init_cache(model.cfg, policy, b, model.dtype)
+    graph, state = nnx.split(model)
+    return np.asarray(chunk_logits(graph, state, policy, tokens_BT, pos, cache)[0])
 
 
 def tiny_config(**overrides) -> ModelConfig:
