@@ -12,7 +12,6 @@ analysis.md, r2_heatmap.png and lifespans.png.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from smartkv_jax import gates as gate_mod
 from smartkv_jax.gate_checkpoint import load_gates
+from smartkv_jax.jsonio import dumps, write_json, write_text_atomic
 from train.label_store import label_of, open_store
 from train.metrics import r2_per_head
 
@@ -115,8 +115,8 @@ def analyze(
             model, loaded[main_tau], needle_context, needle_depth
         )
         result["needle_prompt"] = {"context": needle_context, "depth": needle_depth}
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
-    (out / "analysis.md").write_text(markdown(result))
+    write_json(out / "analysis.json", result, indent=2)
+    write_text_atomic(out / "analysis.md", markdown(result))
     plot(result, store, main_tau, out)
     return result
 
@@ -225,5 +225,5 @@ def _cmd(args) -> int:
         needle_context=args.needle_context,
         needle_depth=args.needle_depth,
     )
-    print(json.dumps(res, indent=2) if args.json else markdown(res))
+    print(dumps(res, indent=2) if args.json else markdown(res))
     return 0

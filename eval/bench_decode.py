@@ -27,6 +27,7 @@ from tqdm import tqdm
 from smartkv_jax.convert import DEFAULT_MODEL, load_model, load_tokenizer, smollm2_path
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.generate import generate
+from smartkv_jax.jsonio import dumps, write_json, write_text_atomic
 
 
 def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[list[int]]:
@@ -155,7 +156,7 @@ def _torch_child(args: argparse.Namespace) -> None:
     ctx, batch = args.torch_child
     hf = _torch_model(args.model)
     prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
-    print(json.dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
+    print(dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
 
 
 def _measure(m, args: argparse.Namespace, gates) -> list[dict]:
@@ -178,7 +179,7 @@ def _measure(m, args: argparse.Namespace, gates) -> list[dict]:
             tok_s, kv = time_ours(m, prompts, args.new_tokens, policy, gates)
             row[f"{name}_tok_s"], row[f"{name}_kv_bytes"] = tok_s, kv
         rows.append(row)
-        tqdm.write(json.dumps(row))
+        tqdm.write(dumps(row))
     return rows
 
 
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    write_text_atomic(out.with_suffix(".md"), table + "\n")
+    write_json(out.with_suffix(".json"), rows, indent=2)
 
 
 if __name__ == "__main__":

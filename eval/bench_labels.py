@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from smartkv_jax.jsonio import dumps, write_json, write_text_atomic
+
 
 def child(window: int, method: str) -> dict:
     from smartkv_jax.convert import load_model
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="results/bench_labels")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(int(args.child[0]), args.child[1])))
+        print(dumps(child(int(args.child[0]), args.child[1])))
         return
     rows = []
     for window in args.windows:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"window": window, "method": method, "error": out.stderr[-400:]})
             else:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+            print(dumps(rows[-1]), flush=True)
     lines = [
         "| window T | method | tokens/s | peak RSS GiB | over model-only GiB |",
         "|---:|---|---:|---:|---:|",
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    write_text_atomic(out.with_suffix(".md"), table + "\n")
+    write_json(out.with_suffix(".json"), rows, indent=2)
 
 
 if __name__ == "__main__":

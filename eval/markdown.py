@@ -7,12 +7,13 @@ comparisons; eval/plots.py draws the PNGs it links). See docs/design.md (evaluat
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from smartkv_jax.jsonio import dumps
 
 from .statistics import (
     Row,
@@ -67,7 +68,8 @@ def render_report(
         lines += _layer_scores(needle_rows)
         if "layers" in plots:
             lines += ["", f"![per-layer needle scores]({plots['layers']})"]
-    lines += _errors(rows)
+    lines += _listed(rows, "error", "Entries that could not run")
+    lines += _listed(rows, "note", "Budgets not in effect")
     lines += _policy_tables(rows)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -82,7 +84,7 @@ def _header(config: dict[str, Any], n_boot: int) -> list[str]:
         f"{mc.get('head_dim')}, {m.get('dtype')})"
     )
     g = config.get("gates")
-    lines.append(f"- gates: {json.dumps(g, sort_keys=True) if g else 'none'}")
+    lines.append(f"- gates: {dumps(g, sort_keys=True) if g else 'none'}")
     lines.append(
         f"- oracle: true lifespans at tau {config.get('oracle_tau')} from a full-cache "
         "pass over the same tokens (needle: prompt + gold answer), scores log4(1 + L)"
@@ -230,12 +232,12 @@ def _layer_scores(needle_rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _errors(rows: Sequence[Row]) -> list[str]:
-    errors = [r for r in rows if r.get("error")]
-    if not errors:
+def _listed(rows: Sequence[Row], field: str, title: str) -> list[str]:
+    """A section listing `field` of every row that has it, by key (none: no section)."""
+    hits = sorted((r for r in rows if r.get(field)), key=lambda r: r["key"])
+    if not hits:
         return []
-    lines = ["", "## Entries that could not run", ""]
-    return lines + [f"- {r['key']}: {r['error']}" for r in sorted(errors, key=lambda r: r["key"])]
+    return ["", f"## {title}", ""] + [f"- {r['key']}: {r[field]}" for r in hits]
 
 
 def _policy_tables(rows: Sequence[Row]) -> list[str]:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from smartkv_jax import data as text_data
 from smartkv_jax.cache import KVCache, init_cache
 from smartkv_jax.data import read_text, text_files
+from smartkv_jax.errors import SmartKVError
 from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig
 from smartkv_jax.step import chunk_step, split_model
@@ -59,6 +60,17 @@ def protocol_name(chunk: int) -> str:
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     return "token-by-token (exact)" if chunk == 1 else f"chunked({chunk}), approximate"
+
+
+def check_chunk(chunk: int, tokens: int, names: tuple[str, str] = ("chunk", "tokens")) -> None:
+    """Refuse a sweep whose chunk holds every token of a book: every query would read the
+    whole book before anything is evicted, so every policy would score as the full cache.
+    `names`: what to call the two settings in the message (say the command's flags)."""
+    if chunk >= tokens:
+        raise SmartKVError(
+            f"{names[0]} must be < {names[1]} ({tokens}), got {chunk}: one chunk would hold "
+            "every token, so every policy would score as the full cache"
+        )
 
 
 def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from smartkv_jax.jsonio import write_text_atomic
+
 from .markdown import render_report
 from .plots import draw_plots
 from .result_store import ResultStore
@@ -27,5 +29,5 @@ def write_report(out_dir: str | os.PathLike, *, n_boot: int = 1000) -> Path:
     plots = draw_plots(store, ppl_rows, needle_rows)
     comps = comparisons(store, rows, n_boot) if ppl_rows else []
     path = store.dir / REPORT_FILE
-    path.write_text(render_report(store.config(), rows, comps, plots, n_boot))
+    write_text_atomic(path, render_report(store.config(), rows, comps, plots, n_boot))
     return path

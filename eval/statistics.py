@@ -39,6 +39,7 @@ def summary_rows(rows: Sequence[Row]) -> list[Row]:
                 "needle_accuracy": None,
                 "protocol": None,
                 "error": None,
+                "note": None,
             },
         )
         if r["task"] == "ppl":
@@ -51,6 +52,8 @@ def summary_rows(rows: Sequence[Row]) -> list[Row]:
                 m["memory_actual"] = r.get("memory_actual")
         if r.get("error"):
             m["error"] = r["error"]
+        if r.get("note"):  # the budget had no effect (eval/sweep.py)
+            m["note"] = "; ".join(filter(None, (m["note"], f"{r['task']}: {r['note']}")))
     return [merged[k] for k in sorted(merged, key=lambda k: (policy_order(k[0]), k[1] or 0))]
 
 

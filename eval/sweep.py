@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from smartkv_jax.model import Transformer
-from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.policy_table import PolicyConfig, budget_effective
 from train.policy_names import parse_policy
 
 from . import needle as ndl
@@ -128,14 +128,18 @@ def run_sweep(
     gates_info: dict[str, Any] | None = None,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every entry of the sweep not yet in `out_dir`, storing each as soon as it is done.
 
     gates: for gated layers and the per-layer needle scores (gates_info describes them in
     the report). on_result(row) is called after each stored entry. Returns all rows of the
-    sweep's entries (stored earlier or now), in entry order.
+    sweep's entries (stored earlier or now), in entry order. Results of other settings in
+    `out_dir` raise ConfigMismatchError, or with `overwrite` are moved aside (result_store).
     """
-    store = ResultStore(out_dir)
+    if "ppl" in settings.tasks:
+        ppl_mod.check_chunk(settings.ppl.chunk, settings.ppl.tokens)
+    store = ResultStore(out_dir, overwrite=overwrite)
     store.check_config(
         "model",
         {
@@ -147,8 +151,7 @@ def run_sweep(
     store.check_config("oracle_tau", settings.tau)
     store.check_config("gates", gates_info if gates is not None else None)
     entries = sweep_entries(settings)
-    done = store.done()
-    todo = [e for e in entries if e.key not in done]
+    todo = _todo(store, entries)
     data = SweepData(store, model, tokenizer, settings, progress)
     if gates is None and any(_needs_gates(e, data) for e in todo):
         raise ValueError(
@@ -156,6 +159,7 @@ def run_sweep(
             "--random-gates to check the plumbing"
         )
     data.check_inputs()
+    todo = _todo(store, entries)  # again: `overwrite` may have moved the old results aside
     bar = tqdm(todo, desc="sweep", disable=not progress)
     for e in bar:
         bar.set_postfix_str(e.key)
@@ -165,6 +169,11 @@ def run_sweep(
             on_result(row)
     done = store.done()
     return [done[e.key] for e in entries if e.key in done]
+
+
+def _todo(store: ResultStore, entries: list[Entry]) -> list[Entry]:
+    done = store.done()
+    return [e for e in entries if e.key not in done]
 
 
 def _needs_gates(e: Entry, data: SweepData) -> bool:
@@ -210,9 +219,11 @@ def _run_ppl(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[str,
         desc=f"ppl {e.policy}@{row['memory_fraction']:g}",
     )
     nll_file = data.store.save_array(f"nll/{slug(e.key.replace('|', '__'))}.npy", res.nll)
+    effective = budget_effective(policy, s.tokens, s.chunk)
     return {
         **row,
         **res.summary(),
+        **_budget_fields(e, effective, f"{s.tokens} tokens in chunks of {s.chunk}"),
         "policy": e.policy,
         "n_books": len(data.books),
         "nll_file": nll_file,
@@ -248,9 +259,11 @@ def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[s
     )
     summary = res.summary()
     mem = summary.pop("memory_actual")
+    full_at = [c for c in s.contexts if not budget_effective(data.policy(e, c), c)]
     return {
         **row,
         **summary,
+        **_budget_fields(e, not full_at, f"context {', '.join(map(str, full_at))}"),
         "policy": e.policy,
         "needle_accuracy": res.accuracy,
         "memory_actual": float(np.mean(list(mem.values()))),
@@ -258,3 +271,15 @@ def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[s
         "protocol": f"prefill in chunks of {s.chunk}, question fed after the haystack",
         "policy_table": top.resolve(max(s.contexts)).table(),
     }
+
+
+def _budget_fields(e: Entry, effective: bool, where: str) -> dict[str, Any]:
+    """budget_effective, and a note when a budget below the full cache had no effect (every
+    layer kept every token any query read, at `where`): its result is the full cache's."""
+    note = None
+    if not effective and (e.memory_fraction is None or e.memory_fraction < 1):
+        note = (
+            f"budget not in effect at {where}: every layer keeps all the tokens a query "
+            "reads, so this is the full cache's result"
+        )
+    return {"budget_effective": effective, "note": note}

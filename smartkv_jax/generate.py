@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from .cache import KVCache, init_cache
+from .errors import SmartKVError, check_range
 from .gates import Gates
 from .model import Probe, Transformer
 from .policy_table import PolicyConfig
@@ -167,17 +168,18 @@ def prefill(
     return logits, cache, probes
 
 
-def _check_request(model: Transformer, prompts, context, max_new_tokens: int) -> int:
-    """Longest prompt (with its context) in tokens, after checking the request."""
+def _check_request(model: Transformer, prompts, context, max_new_tokens: int, chunk: int) -> int:
+    """Longest prompt (with its context) in tokens, after checking the request (SmartKVError
+    for a bad one)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise SmartKVError("every prompt needs at least one token")
     if context is not None and len(context) != len(prompts):
-        raise ValueError(f"{len(context)} contexts for {len(prompts)} prompts")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise SmartKVError(f"{len(context)} contexts for {len(prompts)} prompts")
+    check_range("max_new_tokens", max_new_tokens, 1)
+    check_range("chunk", chunk, 1)
     longest = max(len(p) + (len(context[i]) if context else 0) for i, p in enumerate(prompts))
     if longest + max_new_tokens > model.cfg.max_position:
-        raise ValueError(
+        raise SmartKVError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context limit of {model.cfg.max_position} tokens"
         )
@@ -215,8 +217,10 @@ def generate(
     [L, B, K, T]}). `stop_tokens` defaults to the model's EOS ids. context: text
     read before each prompt in chunks of its own, so the cache is compressed to its budget
     before the prompt is seen. probe: collect a probe's outputs over the prefill chunks.
+    Raises SmartKVError for an empty prompt, max_new_tokens or chunk < 1, or a request longer
+    than the model's context.
     """
-    longest = _check_request(model, prompts, context, max_new_tokens)
+    longest = _check_request(model, prompts, context, max_new_tokens, chunk)
     aux = {"gates": gates, **(aux or {})}
     chunk = min(chunk, _pow2_at_least(longest))
     n_out = _pow2_at_least(max_new_tokens)

@@ -5,10 +5,20 @@ cache, its JSON form, and the library's named tables (docs/design.md: budget, th
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import re
 from pathlib import Path
 
+from .errors import InputFileError, SmartKVError, check_range
+from .input_files import (
+    json_kind,
+    parse_json_text,
+    read_text_file,
+    refuse_unknown_keys,
+    require_keys,
+    require_object,
+)
+from .jsonio import dumps
 from .policy import (
     POLICY_KINDS,
     CachePolicy,
@@ -96,50 +106,128 @@ class PolicyConfig:
             {"layers": f"{a}-{b - 1}", "kind": p.kind, **dataclasses.asdict(p)}
             for a, b, p in self.groups()
         ]
-        return json.dumps({"name": self.name, "layers": rows}, indent=2)
+        return dumps({"name": self.name, "layers": rows}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str, num_layers: int) -> PolicyConfig:
-        """Parse a table written by `to_json` (layer ranges "a-b" must cover every layer)."""
-        data = json.loads(text)
+    def from_json(cls, text: str, num_layers: int, where: str = "policy table") -> PolicyConfig:
+        """Parse a table written by `to_json`: {"name": ..., "layers": [rows]}, each row
+        {"layers": "first-last", "kind": ..., settings}, the rows covering every layer once.
+        Raises InputFileError starting with `where` and naming the row and what is wrong."""
+        data = require_object(parse_json_text(text, where), where, _TABLE_KEYS)
+        require_keys(data, where, ["layers"], ["name"])
+        refuse_unknown_keys(data, where, _TABLE_KEYS)
+        rows, name = data["layers"], data.get("name", "custom")
+        if not isinstance(rows, list) or not rows:
+            raise InputFileError(
+                f"{where}: 'layers' holds {json_kind(rows)}, expected a non-empty list of rows "
+                '{"layers": "first-last", "kind": ..., settings}'
+            )
+        if not isinstance(name, str):
+            raise InputFileError(f"{where}: 'name' must be a string, got {name!r}")
+        owner: list[int | None] = [None] * num_layers
         layers: list[CachePolicy | None] = [None] * num_layers
-        for row in data["layers"]:
-            row = dict(row)
-            m = re.fullmatch(r"(\d+)-(\d+)", str(row.pop("layers")))
-            if not m:
-                raise ValueError("each row needs 'layers': 'first-last'")
-            a, b = int(m.group(1)), int(m.group(2))
-            if not 0 <= a <= b < num_layers:
-                raise ValueError(f"layer range {a}-{b} is outside 0-{num_layers - 1}")
-            policy = policy_from_row(row)
-            for i in range(a, b + 1):
-                layers[i] = policy
+        for i, row in enumerate(rows):
+            first, last, policy = _table_row(row, num_layers, f"{where}, row {i}")
+            for layer in range(first, last + 1):
+                if owner[layer] is not None:
+                    raise InputFileError(
+                        f"{where}: layer {layer} is in rows {owner[layer]} and {i}; "
+                        "each layer must be in exactly one row"
+                    )
+                owner[layer], layers[layer] = i, policy
         missing = [i for i, p in enumerate(layers) if p is None]
         if missing:
-            raise ValueError(f"policy table does not cover layers {missing}")
-        return cls(layers=tuple(layers), name=data.get("name", "custom"))
+            raise InputFileError(
+                f"{where} does not cover layers {missing} (the model has {num_layers} layers)"
+            )
+        return cls(layers=tuple(layers), name=name)
 
     @classmethod
     def from_file(cls, path: str | Path, num_layers: int) -> PolicyConfig:
+        """The table in JSON file `path` (FileNotFoundError if none; InputFileError naming the
+        file for an empty, garbled or malformed one)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"policy file not found: {path}")
-        return cls.from_json(path.read_text(), num_layers)
+        text = read_text_file(path, "policy table")
+        return cls.from_json(text, num_layers, where=f"policy table {path}")
+
+
+_TABLE_KEYS = ("name", "layers")
+_ROW_SHAPE = '{"layers": "first-last", "kind": ..., settings}'
+
+
+def _table_row(row: object, num_layers: int, where: str) -> tuple[int, int, CachePolicy]:
+    """(first layer, last layer, policy) of one row of a JSON table."""
+    if not isinstance(row, dict):
+        raise InputFileError(f"{where} is {json_kind(row)}, expected an object {_ROW_SHAPE}")
+    row = dict(row)
+    if "layers" not in row:
+        raise InputFileError(
+            f"{where} has no 'layers' (the layer range, e.g. \"0-5\"); it has: "
+            f"{', '.join(sorted(map(str, row))) or 'no keys'}"
+        )
+    span = row.pop("layers")
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", span.strip()) if isinstance(span, str) else None
+    if not m:
+        raise InputFileError(f'{where}: \'layers\' must be "first-last" (e.g. "0-5"), got {span!r}')
+    first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 0 <= first <= last < num_layers:
+        raise InputFileError(
+            f"{where}: layer range {first}-{last} is outside 0-{num_layers - 1} (the model has "
+            f"{num_layers} layers)"
+        )
+    try:
+        return first, last, policy_from_row(row)
+    except ValueError as err:
+        raise InputFileError(f"{where}: {err}") from None
 
 
 def policy_from_row(row: dict) -> CachePolicy:
-    """One layer policy from a table row {"kind": ..., settings...}."""
+    """One layer policy from a table row {"kind": ..., settings...}. Raises SmartKVError for an
+    unknown kind, a setting the kind does not have (naming the valid ones) or a value of the
+    wrong type or range."""
+    if not isinstance(row, dict):
+        raise SmartKVError(f"a policy row must be an object {_ROW_SHAPE}, got {row!r}")
     row = dict(row)
-    cls = policy_class(row.pop("kind", "full"))
-    valid = {f.name for f in dataclasses.fields(cls)}
-    for key in sorted(set(row) - valid):
+    kind = row.pop("kind", "full")
+    if not isinstance(kind, str):
+        raise SmartKVError(
+            f"'kind' must be a policy name ({', '.join(POLICY_KINDS)}), got {kind!r}"
+        )
+    try:
+        cls = policy_class(kind)
+    except ValueError as err:
+        raise SmartKVError(str(err)) from None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in sorted(set(row) - set(fields)):
         if key in _LEGACY_DEFAULTS and row[key] == _LEGACY_DEFAULTS[key]:
             del row[key]
             continue
-        raise ValueError(
-            f"policy {cls.kind!r} has no setting {key!r}; valid: kind, {', '.join(sorted(valid))}"
+        raise SmartKVError(
+            f"policy {cls.kind!r} has no setting {key!r}; valid: kind, {', '.join(sorted(fields))}"
         )
-    return cls(**row)
+    for key, value in row.items():
+        _check_setting(cls.kind, key, value, str(fields[key].type))
+    try:
+        return cls(**row)
+    except ValueError as err:
+        raise SmartKVError(f"policy {cls.kind!r}: {err}") from None
+
+
+_SETTING_TYPES = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "None": lambda v: v is None,
+}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}
+
+
+def _check_setting(kind: str, key: str, value: object, annotation: str) -> None:
+    """SmartKVError unless `value` has a type the field's annotation ("int | None") allows."""
+    names = [part.strip() for part in annotation.split("|")]
+    if all(n in _SETTING_TYPES for n in names) and not any(_SETTING_TYPES[n](value) for n in names):
+        want = " or ".join(_TYPE_WORDS.get(n, n) for n in names)
+        raise SmartKVError(f"policy {kind!r}: setting {key!r} must be {want}, got {value!r}")
 
 
 def seed_hybrid(num_layers: int, context: int, memory_fraction: float) -> PolicyConfig:
@@ -166,14 +254,38 @@ def seed_hybrid(num_layers: int, context: int, memory_fraction: float) -> Policy
     return PolicyConfig(layers=layers, name="hybrid")
 
 
+def check_budget(context: int, memory_fraction: float | None = None) -> None:
+    """Raise SmartKVError unless context >= 1 and memory_fraction (if given) is in (0, 1]."""
+    check_range("context", context, 1)
+    if memory_fraction is not None:
+        check_range("memory_fraction", memory_fraction, 0, 1, low_open=True)
+
+
+def budget_effective(policy: PolicyConfig, length: int, chunk: int = 1) -> bool:
+    """Whether the policy's budget can change what any query reads when `length` tokens are
+    fed `chunk` at a time (the last ones, say generated tokens, one at a time: chunk 1).
+
+    A query reads the cache plus its own chunk, so a layer whose capacity is at least the
+    position where the last chunk starts never drops a token a query would read; the budget
+    takes effect only when some layer holds fewer slots than that. False: the results are
+    the full cache's whatever the memory fraction says.
+    """
+    check_range("length", length, 1)
+    check_range("chunk", chunk, 1)
+    last_start = (length - 1) // chunk * chunk
+    return min(p.capacity for p in policy.resolve(length).layers) < last_start
+
+
 def make_policy(
     name: str, num_layers: int, context: int, memory_fraction: float = 1.0
 ) -> PolicyConfig:
     """A policy by name at `memory_fraction` of the full cache for `context` tokens.
 
     name: "hybrid" (the seed's rule), a policy kind applied to every layer (with
-    "gated-only" an alias of "gated"), or a path to a JSON policy table.
+    "gated-only" an alias of "gated"), or a path to a JSON policy table. Raises SmartKVError
+    for an unknown name, a memory fraction outside (0, 1] or a context < 1.
     """
+    check_budget(context, memory_fraction)
     if name.endswith(".json"):
         return PolicyConfig.from_file(name, num_layers)
     if name == "hybrid":
@@ -184,7 +296,7 @@ def make_policy(
     try:
         cls = policy_class(kind)
     except ValueError:
-        raise ValueError(
+        raise SmartKVError(
             f"unknown policy {name!r}; use hybrid, gated-only, {', '.join(POLICY_KINDS)} "
             "or a .json table"
         ) from None

@@ -12,6 +12,8 @@ import pytest
 from eval import perplexity as P
 from eval.sweep_settings import NeedleSettings, PerplexitySettings, SweepSettings
 from smartkv_cli import eval as E
+from smartkv_cli.validate import validate_args
+from smartkv_jax.errors import SmartKVError
 
 from .test_eval_needle import CFG, CharTokenizer, tiny_params, write_haystack
 from .test_eval_report import write_books
@@ -34,8 +36,8 @@ def test_flags_default_to_the_settings():
     )
     assert needle.needle == NeedleSettings(depths=(0.0, 0.5), chunk=8, fmt="plain")
     assert needle.ppl == PerplexitySettings() and needle.tasks == ("needle",)
-    with pytest.raises(SystemExit):
-        _parse(["ppl", "--memory", "0"])
+    with pytest.raises(SmartKVError, match=r"--memory must be in \(0, 1\], got 0.0"):
+        validate_args(_parse(["ppl", "--memory", "0"]))
 
 
 def test_sweep_from_the_command_line(tmp_path, monkeypatch, capsys):

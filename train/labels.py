@@ -2,7 +2,8 @@
 it is attended to (docs/design.md: lifespan, label, censoring).
 
 Output is a label store (train/label_store.py: `metadata.json` plus a `datasets` Arrow dataset in
-`data/`, one row per (window, position) with the key of every layer and KV head).
+`data/`, one row per (window, position) with the key of every layer and KV head), written
+window by window so that an interrupted run resumes (train/label_shards.py).
 
 With `facts` > 0 every window also holds synthetic retrieval facts (train/facts.py).
 """
@@ -10,6 +11,7 @@ With `facts` > 0 every window also holds synthetic retrieval facts (train/facts.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -19,17 +21,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from pallas_kernels.lifespan import dense_lifespan, lifespan, reference_lifespan
 from smartkv_jax.cache import init_cache
 from smartkv_jax.data import read_text, text_files
+from smartkv_jax.errors import SmartKVError
+from smartkv_jax.jsonio import dumps
 from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig
 from smartkv_jax.step import chunk_step, split_model
 
 from .facts import fact_window
-from .label_store import StoreWriter
+from .label_shards import PartialStore
+from .label_store import store_features
 
 DEFAULT_TAUS = (0.05, 0.11)
 
@@ -127,18 +133,60 @@ def extract_labels(
     chunk: int = 512,
     facts: int = 0,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Write a label store for `windows_per_doc` consecutive windows of each book, starting at
     window `first_window` (so stores with disjoint window ranges can be trained on together).
     `facts` > 0 puts that many retrieval facts in every window (`fact_window`; `seed` and the
-    window fix them)."""
+    window fix them). Returns the store's metadata.
+
+    Resumable and never destructive (train/label_shards.py): finished windows are kept in
+    `<out_dir>.partial/` and skipped by a rerun of the same setup (`label_setup`), the store is
+    moved into place at the end, a store of the same setup at `out_dir` is kept as it is, and
+    one of another setup is replaced only with `overwrite`.
+    """
     cfg = model.cfg
-    if window > cfg.max_position:
-        raise ValueError(f"window {window} exceeds the model's context of {cfg.max_position}")
+    _check_window(cfg.max_position, window, first_window, cap)
+    files = _book_files(source, books)
+    jobs = _window_jobs(tokenizer, files, window, first_window, windows_per_doc, facts, cap, seed)
+    setup = label_setup(
+        model,
+        model_name,
+        jobs,
+        taus=taus,
+        window=window,
+        cap=cap,
+        chunk=chunk,
+        first_window=first_window,
+        windows_per_doc=windows_per_doc,
+        facts=facts,
+        seed=seed,
+    )
+    features = store_features(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(taus))
+    windows = [(doc, w) for doc, w, _ in jobs]
+    run = PartialStore(out_dir, setup, windows, features, overwrite=overwrite)
+    if run.complete is not None:
+        tqdm.write(
+            f"label store {out_dir} already holds these {len(jobs)} windows: kept", sys.stderr
+        )
+        return run.complete
+    _label_windows(model, jobs, run, taus=setup["taus"], cap=cap, chunk=chunk)
+    shapes = {k: getattr(cfg, k) for k in ("num_layers", "num_kv_heads", "head_dim")}
+    tokens_per_s = len(jobs) * window / max(run.seconds, 1e-9)
+    return run.finish({**setup, **shapes, "n_windows": len(jobs), "tokens_per_s": tokens_per_s})
+
+
+def _check_window(max_position: int, window: int, first_window: int, cap: int) -> None:
+    if window > max_position:
+        raise SmartKVError(f"window {window} exceeds the model's context of {max_position}")
     if first_window < 0:
-        raise ValueError(f"first_window must be >= 0, got {first_window}")
+        raise SmartKVError(f"first_window must be >= 0, got {first_window}")
     if not 0 < cap < window:
-        raise ValueError(f"cap must be in (0, window={window}), got {cap}")
+        raise SmartKVError(f"cap must be in (0, window={window}), got {cap}")
+
+
+def _book_files(source: str | None, books: Sequence[str] | None) -> list[Path]:
+    """The text files to label: those of `source`, only `books` (file stems) if given."""
     files = text_files(source)
     if books:
         wanted = {b.removesuffix(".txt") for b in books}
@@ -146,12 +194,26 @@ def extract_labels(
         missing = wanted - {f.stem for f in files}
         if missing:
             raise FileNotFoundError(f"books not found in the text source: {sorted(missing)}")
+    return files
+
+
+def _window_jobs(
+    tokenizer,
+    files: Sequence[Path],
+    window: int,
+    first_window: int,
+    windows_per_doc: int,
+    facts: int,
+    cap: int,
+    seed: int,
+) -> list[tuple[str, int, list[int]]]:
+    """(file name, window index, token ids) of every window to label, in order."""
     jobs = []
     for f in files:
         ids = tokenizer(read_text(f)).input_ids
         last = min(first_window + windows_per_doc, len(ids) // window)
         if last <= first_window:
-            raise ValueError(
+            raise SmartKVError(
                 f"{f.name} has {len(ids)} tokens: no window of {window} from window {first_window}"
             )
         for w in range(first_window, last):
@@ -160,26 +222,51 @@ def extract_labels(
                 text = fact_window(
                     tokenizer, text, window, facts, cap, [seed, zlib.crc32(f.name.encode()), w]
                 )[0]
-            jobs.append((f.name, w, text))
-    writer = StoreWriter(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(taus))
-    start = time.perf_counter()
-    for doc, w, ids in tqdm(jobs, desc="labelling windows"):
-        writer.add_window(window_labels(model, ids, taus=taus, cap=cap, chunk=chunk), doc, w)
-    seconds = time.perf_counter() - start
-    meta = {
+            jobs.append((f.name, w, [int(t) for t in text]))
+    return jobs
+
+
+def label_setup(
+    model: Transformer, model_name: str, jobs: Sequence[tuple[str, int, Sequence[int]]], **how
+) -> dict:
+    """Everything that fixes a label store's contents, as JSON values: the model (name, shape
+    and a CRC-32 of its weights), the keyword settings `how` (taus, window, cap, chunk, ...),
+    the source files and a CRC-32 of the windows' token ids (text, tokenizer and facts). Two
+    runs with equal setups write equal stores, so a run resumes only the same setup."""
+    tokens = 0
+    for _, _, ids in jobs:
+        tokens = zlib.crc32(np.asarray(ids, np.int64).tobytes(), tokens)
+    setup = {
         "model": model_name,
-        "model_config": json.loads(cfg.to_json()),
-        "taus": list(taus),
-        "window": window,
-        "cap": cap,
-        "sources": sorted({d for d, _, _ in jobs}),
-        "num_layers": cfg.num_layers,
-        "num_kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "first_window": first_window,
-        "facts": facts,
-        "seed": seed,
-        "n_windows": len(jobs),
-        "tokens_per_s": len(jobs) * window / seconds,
+        "model_config": json.loads(model.cfg.to_json()),
+        "weights_crc32": weights_crc32(model),
+        **how,
+        "taus": [float(t) for t in how["taus"]],
+        "sources": sorted({doc for doc, _, _ in jobs}),
+        "tokens_crc32": f"{tokens:08x}",
     }
-    return writer.write(out_dir, meta)
+    return json.loads(dumps(setup))
+
+
+def weights_crc32(model: Transformer) -> str:
+    """CRC-32 (hex) of every array of the model's state, in a fixed order."""
+    crc = 0
+    for leaf in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))):
+        crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).reshape(-1).view(np.uint8), crc)
+    return f"{crc:08x}"
+
+
+def _label_windows(model: Transformer, jobs, run: PartialStore, *, taus, cap, chunk) -> None:
+    """Label every window `run` has not finished, saving each as soon as it is done."""
+    todo = [i for i in range(len(jobs)) if i not in run.done]
+    if run.done:
+        tqdm.write(
+            f"resuming: {len(run.done)} of {len(jobs)} windows were labelled by an earlier run "
+            f"({run.work})",
+            sys.stderr,
+        )
+    for i in tqdm(todo, desc="labelling windows", initial=len(jobs) - len(todo), total=len(jobs)):
+        doc, w, ids = jobs[i]
+        start = time.perf_counter()
+        labels = window_labels(model, ids, taus=taus, cap=cap, chunk=chunk)
+        run.add(i, labels, doc, w, time.perf_counter() - start)

@@ -13,6 +13,7 @@ positions (attention sinks).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 
 from smartkv_jax import sharding as shd
+from smartkv_jax.errors import SmartKVError
 from smartkv_jax.gates import Gates, apply_heads, flatten_heads
 
 from .batches import batch_arrays, batch_shardings, global_batch
@@ -29,6 +31,11 @@ from .distributed import to_host
 from .label_store import LabelStore, eval_rows, open_store
 
 LOSSES = ("mse", "huber", "censored")
+
+
+class NonFiniteError(SmartKVError):
+    """Training or evaluation met NaN or infinite values (a loss, the gates' weights, R² sums):
+    the label store holds non-finite keys, or training diverged."""
 
 
 def loss_fn(
@@ -123,6 +130,11 @@ def evaluate(
         arrays = batch_arrays(store, padded, tau_i, g_pad, h, w)
         out = fns[key](gates_G, global_batch(arrays, mesh, batch, g_pad, d))
         total += to_host(out).astype(np.float64)
+    if not np.isfinite(total).all():
+        raise NonFiniteError(
+            f"the held-out R² of the gates on {store.name} is not finite: the store holds NaN or "
+            "infinite keys, or the gates' weights are not finite"
+        )
     return {e: r2_from_sums(total[i])[:g] for i, e in enumerate(excludes)}
 
 
@@ -151,12 +163,15 @@ def r2_per_head(
 
 
 def summarize_r2(r2_LK: np.ndarray) -> dict[str, Any]:
-    """Median R² overall and per layer, and the layer-0 heads."""
+    """Median R² overall and per layer, and the layer-0 heads (NaN where no head has an
+    R², which JSON output turns into null)."""
     r2_LK = np.asarray(r2_LK, np.float64)
-    return {
-        "median_r2": float(np.nanmedian(r2_LK)),
-        "mean_r2": float(np.nanmean(r2_LK)),
-        "per_layer_median_r2": [round(float(x), 4) for x in np.nanmedian(r2_LK, axis=1)],
-        "layer0_r2": [round(float(x), 4) for x in r2_LK[0]],
-        "r2_LK": [[round(float(x), 4) for x in row] for row in r2_LK],
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: NaN, no warning
+        return {
+            "median_r2": float(np.nanmedian(r2_LK)),
+            "mean_r2": float(np.nanmean(r2_LK)),
+            "per_layer_median_r2": [round(float(x), 4) for x in np.nanmedian(r2_LK, axis=1)],
+            "layer0_r2": [round(float(x), 4) for x in r2_LK[0]],
+            "r2_LK": [[round(float(x), 4) for x in row] for row in r2_LK],
+        }

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from smartkv_jax.errors import SmartKVError
 from smartkv_jax.policy import POLICY_KINDS, LifespanPolicy
-from smartkv_jax.policy_table import PolicyConfig, make_policy
+from smartkv_jax.policy_table import PolicyConfig, check_budget, make_policy
 
 CALIBRATED = "hybrid-calibrated"
 MASK = ":mask"
@@ -61,21 +62,18 @@ def parse_policy(
     """The policy `name` (see the module docstring) at `context` tokens, named `name`.
 
     memory_fraction: of the full cache at `context` (None: 1.0, or a calibrated table's own).
-    Raises ValueError for an unknown name, for hybrid-calibrated without `calibrated`, and
-    when the budget is too small for the policy (e.g. the hybrid rule); FileNotFoundError for
-    a missing table.
+    Raises ValueError (SmartKVError) for an unknown name, for hybrid-calibrated without
+    `calibrated`, for a memory fraction outside (0, 1] or a context < 1, and when the budget is
+    too small for the policy (e.g. the hybrid rule); FileNotFoundError for a missing table.
     """
+    check_policy_name(name, calibrated)
+    check_budget(context, memory_fraction)
     base, suffixes = split_name(name)
     if base == CALIBRATED:
         policy = _calibrated(calibrated, num_layers, context, memory_fraction)
-    elif base in LIBRARY_NAMES or base.endswith(".json"):
+    else:
         mf = 1.0 if memory_fraction is None else memory_fraction
         policy = make_policy(base, num_layers, context, mf)
-    else:
-        raise ValueError(
-            f"unknown policy {name!r}; use {', '.join(LIBRARY_NAMES)}, {CALIBRATED} or a .json "
-            f"policy table, optionally with {MASK!r} / {EXPIRY!r} suffixes"
-        )
     changes = {}
     if MASK in suffixes:
         changes["mask_expired"] = True
@@ -88,12 +86,30 @@ def parse_policy(
     return dataclasses.replace(policy, layers=layers, name=name)
 
 
+def check_policy_name(name: str, calibrated: str | None = None) -> None:
+    """The checks of `parse_policy` that need no model: raises SmartKVError for an unknown
+    name and for hybrid-calibrated without `calibrated`, FileNotFoundError for a missing
+    table file."""
+    base = base_name(name)
+    if base == CALIBRATED:
+        if calibrated is None:
+            raise SmartKVError(
+                f"{CALIBRATED} needs a label store or a policy table (--calibrated PATH)"
+            )
+    elif base.endswith(".json"):
+        if not Path(base).is_file():
+            raise FileNotFoundError(f"policy file not found: {base}")
+    elif base not in LIBRARY_NAMES:
+        raise SmartKVError(
+            f"unknown policy {name!r}; use {', '.join(LIBRARY_NAMES)}, {CALIBRATED} or a .json "
+            f"policy table, optionally with {MASK!r} / {EXPIRY!r} suffixes"
+        )
+
+
 def _calibrated(
-    calibrated: str | None, num_layers: int, context: int, memory_fraction: float | None
+    calibrated: str, num_layers: int, context: int, memory_fraction: float | None
 ) -> PolicyConfig:
     """The hybrid-calibrated table from a label store or a (per-budget) JSON table."""
-    if calibrated is None:
-        raise ValueError(f"{CALIBRATED} needs a label store or a policy table (--calibrated PATH)")
     if is_label_store(calibrated):
         from .calibrate import calibrate  # imports the gate trainer: only when asked
 

@@ -16,15 +16,21 @@
   positions).
 - smartkv_jax/gate_checkpoint.py: orbax checkpoints every `ckpt_every` steps in the
   device-independent [L, K, ...] layout with JSON metadata. A restart resumes from the latest
-  step and continues exactly as an uninterrupted run; a checkpoint of another model, tau or
-  gate config raises `CheckpointMismatchError`, an unreadable one `CheckpointCorruptError`,
-  and neither touches the files on disk.
+  step and continues exactly as an uninterrupted run; a checkpoint of another model, tau,
+  gate config or training data (label store paths, metadata hash, taus, window, cap) raises
+  `CheckpointMismatchError`, an unreadable one `CheckpointCorruptError`, and neither touches
+  the files on disk. Pruning keeps the `keep_checkpoints` latest steps of this run's own
+  setup and data and never deletes another's.
+- Non-finite values stop the run: the first NaN or infinite loss (or weights) raises
+  `NonFiniteError` naming the step, before anything after the last good checkpoint is saved.
 - train/distributed.py: multi-host runs (`init_distributed` before any other JAX call).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +41,12 @@ import numpy as np
 from smartkv_jax import gate_checkpoint as ckpt
 from smartkv_jax import sharding as shd
 from smartkv_jax.gates import GateConfig, Gates, init_gates, set_normalization
+from smartkv_jax.jsonio import dumps
 
 from .batches import ShardStream, batch_arrays, global_batch, normalization_stats, shard_rows
 from .distributed import to_host
 from .label_store import LabelStore, eval_rows, open_store
-from .metrics import LOSSES, evaluate, summarize_r2
+from .metrics import LOSSES, NonFiniteError, evaluate, summarize_r2
 from .train_state import StateFns, TrainState
 
 SINKS = 4  # R² is reported with all uncensored keys and without the first SINKS positions
@@ -187,8 +194,21 @@ def _plan(train, held, cfg: TrainConfig, gate: GateConfig, mesh) -> _Plan:
     )
 
 
+def data_identity(train: LabelStore) -> dict[str, Any]:
+    """What identifies a run's training data in its checkpoints: the label store paths, the
+    sha256 of their metadata, rows, taus, window and cap."""
+    return {
+        "train": [str(p.absolute()) for p in train.paths],
+        "metadata_sha256": hashlib.sha256(dumps(train.meta, sort_keys=True).encode()).hexdigest(),
+        "rows": train.num_rows,
+        "taus": [float(t) for t in train.meta["taus"]],
+        "window": train.meta.get("window"),
+        "cap": train.cap,
+    }
+
+
 def _expected_meta(plan: _Plan) -> dict[str, Any]:
-    """The checkpoint metadata that identifies this run's setup."""
+    """The checkpoint metadata that identifies this run's setup and training data."""
     train, held, cfg = plan.train, plan.held, plan.cfg
     return {
         "format": ckpt.CKPT_FORMAT,
@@ -197,6 +217,7 @@ def _expected_meta(plan: _Plan) -> dict[str, Any]:
         "gate_config": plan.gate.to_dict(),
         "store_shape": list(train.shape),
         "train_config": cfg.to_dict(),
+        "data": data_identity(train),
         "label_store": {
             "train": train.path_record(),
             "eval": None if held is None else held.path_record(),
@@ -209,7 +230,8 @@ def _expected_meta(plan: _Plan) -> dict[str, Any]:
 
 
 def _initial_gates(plan: _Plan) -> Gates:
-    """Fresh gates (leaves [L, K, ...] on the host) with the training data's statistics."""
+    """Fresh gates (leaves [L, K, ...] on the host) with the training data's statistics;
+    NonFiniteError if those are not finite (the store holds NaN or infinite keys)."""
     cfg = plan.cfg
     stats = normalization_stats(
         plan.train,
@@ -219,6 +241,12 @@ def _initial_gates(plan: _Plan) -> Gates:
         plan.gate.pair_norms,
         max(1, cfg.stats_rows // cfg.data_shards),
     )
+    bad = sorted(name for name, x in stats.items() if not np.isfinite(x).all())
+    if bad:
+        raise NonFiniteError(
+            f"label store {plan.train.name} holds NaN or infinite keys: its normalisation "
+            f"statistics {', '.join(bad)} are not finite. Nothing was trained or saved."
+        )
     gates = set_normalization(init_gates(plan.gate, jax.random.key(cfg.seed)), stats)
     return jax.tree.map(np.asarray, gates)
 
@@ -238,6 +266,8 @@ class _Trainer:
         ]
         self.held_rows = None if plan.held is None else eval_rows(plan.held, plan.cfg.eval_max_rows)
         self.held_rows_all = None if plan.held is None else eval_rows(plan.held)
+        self.pending: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked
+        self.ours: dict[int, bool] = {}  # checkpoint step -> of this run's setup and data
         self.state = self._start()
 
     def _start(self) -> TrainState:
@@ -251,6 +281,7 @@ class _Trainer:
         restored = ckpt.restore_state(self.manager, latest, self.fns.canon_abstract, self.where)
         host_params = jax.tree.map(to_host, restored["params"])
         same_step = int(to_host(restored["step"])) == int(latest)
+        ckpt.check_finite(host_params, latest, self.where)
         ckpt.verify_checksum(host_params, saved, latest, self.where, ok=same_step)
         self.history["loss"] = list(saved.get("history", {}).get("loss", []))
         self.history["eval"] = list(saved.get("history", {}).get("eval", []))
@@ -279,6 +310,7 @@ class _Trainer:
         )
 
     def _record_eval(self, step: int) -> str:
+        self._check_losses()
         r2 = self._evaluate(self.held_rows)
         rec = {
             "step": step,
@@ -289,17 +321,54 @@ class _Trainer:
         return f"{rec['median_r2']:.3f}"
 
     def save(self, step: int) -> None:
+        """Checkpoint `step` (unless there is one) once its losses and weights are finite,
+        then prune this run's older checkpoints."""
         if self.manager is None or step in self.manager.all_steps():
             return
+        self._check_losses()
         canon = self.fns.to_canonical(self.state)
+        sums = ckpt.checksum(jax.tree.map(to_host, canon["params"]))
+        if not all(math.isfinite(x) for x in sums):
+            raise self._diverged(step, "the gates' weights are not finite")
         meta = dict(self.meta)
         meta.update(
             step=step,
-            checksum=ckpt.checksum(jax.tree.map(to_host, canon["params"])),
+            checksum=sums,
             history={"loss": self.history["loss"], "eval": self.history["eval"]},
             saved_unix_time=time.time(),
         )
         ckpt.save_state(self.manager, step, canon, meta)
+        self.ours[step] = True
+        ckpt.prune(self.manager, self.plan.cfg.keep_checkpoints, self._is_ours)
+
+    def _is_ours(self, step: int) -> bool:
+        if step not in self.ours:
+            self.ours[step] = ckpt.belongs(self.manager, step, self.meta, self.where)
+        return self.ours[step]
+
+    def _check_losses(self) -> float | None:
+        """The latest loss, after checking every loss since the last check (NonFiniteError
+        at the first one that is NaN or infinite)."""
+        losses = [(s, float(to_host(x))) for s, x in self.pending]
+        self.pending = []
+        for s, x in losses:
+            if not math.isfinite(x):
+                raise self._diverged(s, f"its loss is {x}")
+        return losses[-1][1] if losses else None
+
+    def _diverged(self, step: int, what: str) -> NonFiniteError:
+        last = self.manager.latest_step() if self.manager is not None else None
+        kept = (
+            f"The last good checkpoint, step {last} in {self.where}, is kept; nothing after "
+            "it was saved."
+            if last is not None
+            else "No checkpoint was saved."
+        )
+        return NonFiniteError(
+            f"training stopped at step {step}: {what}. The label store {self.plan.train.name} "
+            f"may hold NaN or infinite keys, or the learning rate ({self.plan.cfg.lr}) is too "
+            f"high. {kept}"
+        )
 
     def run(self, end: int, progress: bool) -> None:
         """Steps from the state's step to `end`, logging, evaluating and checkpointing."""
@@ -313,8 +382,9 @@ class _Trainer:
         for step in range(start, end):
             self.state, loss = self.fns.train_step(self.state, self._batch(step))
             done = step + 1
+            self.pending.append((done, loss))
             if done % cfg.log_every == 0 or done == end:
-                self.history["loss"].append([done, float(to_host(loss))])
+                self.history["loss"].append([done, self._check_losses()])
                 postfix["loss"] = f"{self.history['loss'][-1][1]:.4f}"
             if self.plan.held is not None and cfg.eval_every and done % cfg.eval_every == 0:
                 postfix["R2"] = self._record_eval(done)
@@ -365,11 +435,13 @@ def train_gates(
     history: {"loss": [[step, loss]...], "eval": [{step, median_r2, median_r2_nosink}...],
     "summary": final R² summary on the eval store (or None), "resumed_from": step or None,
     "seconds": wall time}.
+    Raises CheckpointMismatchError / CheckpointCorruptError for a checkpoint of another run
+    or a damaged one, NonFiniteError at the first NaN or infinite loss.
     """
     t0 = time.perf_counter()
     train, held, gate = _open_stores(train_store, eval_store, cfg, gate)
     plan = _plan(train, held, cfg, gate, mesh or shd.make_mesh())
-    manager = ckpt.open_manager(ckpt_dir, cfg.keep_checkpoints) if ckpt_dir is not None else None
+    manager = ckpt.open_manager(ckpt_dir) if ckpt_dir is not None else None  # run prunes
     try:
         trainer = _Trainer(plan, manager, str(ckpt_dir))
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
