@@ -99,6 +99,16 @@ RANGES: dict[str, dict[str, Range]] = {
     "parity": {"tokens": TOKENS},
     "calibrate": {"context": AT_LEAST_1, "budget": FRACTION, "tau": TAU, "discount": NON_NEGATIVE},
     "analyze": {"needle_context": NEEDLE_CONTEXT, "needle_depth": Range(0, 1)},
+    "labels": {
+        "window": TOKENS,
+        "cap": AT_LEAST_1,
+        "taus": TAU,
+        "windows_per_doc": AT_LEAST_1,
+        "first_window": NON_NEGATIVE,
+        "facts": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+        "chunk": AT_LEAST_1,
+    },
     "eval": _EVAL,
     "train-gates": _TRAIN,
 }
@@ -123,6 +133,11 @@ def _calibrate_cross(args: argparse.Namespace) -> None:
                            "predicted expiry, which has no discount")  # fmt: skip
 
 
+def _labels_cross(args: argparse.Namespace) -> None:
+    if args.cap >= args.window:
+        raise SmartKVError(f"--cap must be < --window ({args.window}), got {args.cap}")
+
+
 def _train_cross(args: argparse.Namespace) -> None:
     if args.batch_size % args.data_shards:
         raise SmartKVError(
@@ -139,6 +154,7 @@ def _train_cross(args: argparse.Namespace) -> None:
 CROSS_CHECKS: dict[str, list[Callable[[argparse.Namespace], None]]] = {
     "calibrate": [_calibrate_cross],
     "eval": [_eval_cross],
+    "labels": [_labels_cross],
     "train-gates": [_train_cross],
 }
 

@@ -31,8 +31,24 @@ ANALYZE = ["analyze", "--labels", "{dir}", "--gates", "{dir}"]
 TRAIN = ["train-gates", "--train", "{dir}"]
 PPL, NEEDLE, REPORT = ["eval", "ppl"], ["eval", "needle"], ["eval", "report", "--no-run"]
 
+LABELS = ["labels", "--out", "{missing}"]
+
 # (case, argv, what the one line must contain)
 CASES = [
+    ("labels window 1", [*LABELS, "--window", "1"], "--window must be >= 2, got 1"),
+    ("labels cap 0", [*LABELS, "--cap", "0"], "--cap must be >= 1, got 0"),
+    (
+        "labels cap >= window",
+        [*LABELS, "--window", "64", "--cap", "64"],
+        "--cap must be < --window (64), got 64",
+    ),
+    ("labels tau 0", [*LABELS, "--taus", "0.05", "0"], "--taus must be in (0, 1), got 0.0"),
+    (
+        "labels windows 0",
+        [*LABELS, "--windows-per-doc", "0"],
+        "--windows-per-doc must be >= 1, got 0",
+    ),
+    ("labels facts < 0", [*LABELS, "--facts", "-1"], "--facts must be >= 0, got -1"),
     (
         "budget 0",
         [*GEN, "--policy", "window", "--budget", "0"],
