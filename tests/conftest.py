@@ -79,3 +79,18 @@ def tiny_hf_config(kind: str = "llama", **overrides):
         "mistral": transformers.MistralConfig,
     }[kind]
     return cls(**base)
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory):
+    """A tiny random llama saved by transformers, with a word-level tokenizer (fault tests)."""
+    from .faults import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_datasets_progress_bars():
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()

@@ -18,21 +18,14 @@ from smartkv_jax.policy_table import PolicyConfig
 from train.label_store import StoreWriter, open_store, partial_dir
 
 from .conftest import tiny_hf_config
-from .faults import STORE_META, cut, fails, save_tiny_model, snapshot, store_window
+from .faults import (
+    STORE_META,
+    cut,
+    fails,
+    snapshot,
+    store_window,
+)
 from .label_stores import TAUS, D, K, L, T, make_store
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
-
 
 # ----------------------------------------------------------------------------- label stores
 

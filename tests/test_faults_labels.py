@@ -19,22 +19,16 @@ import pytest
 from smartkv_jax.errors import SmartKVError
 from train.label_store import StoreWriter, finish_install, open_store, partial_dir
 
-from .faults import STORE_META, WORDS, fails, save_tiny_model, snapshot, store_window
+from .faults import (
+    STORE_META,
+    WORDS,
+    fails,
+    snapshot,
+    store_window,
+)
 from .label_stores import TAUS, D, K, L
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
 # ----------------------------------------------------------------------------- store writes
