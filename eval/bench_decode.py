@@ -24,10 +24,11 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from smartkv_jax.convert import DEFAULT_MODEL, load_model, load_tokenizer, smollm2_path
+from smartkv_jax.convert import DEFAULT_MODEL, load_model, load_tokenizer
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.generate import generate
 from smartkv_jax.jsonio import dumps, write_json, write_text_atomic
+from smartkv_jax.parity import torch_model
 
 
 def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[list[int]]:
@@ -76,16 +77,6 @@ def time_torch(hf, prompts, new_tokens: int) -> float:
             logits_processor=LogitsProcessorList([stamp]),
         )
     return len(prompts) * (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0])
-
-
-def _torch_model(name: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    p = smollm2_path() if name == DEFAULT_MODEL else Path(name)
-    kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-    src = str(p.parent if p.suffix == ".gguf" else p)
-    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
 def torch_in_subprocess(args, ctx: int, batch: int) -> float:
@@ -154,7 +145,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _torch_child(args: argparse.Namespace) -> None:
     """One PyTorch measurement in its own process: prints {"torch_tok_s": ...} as JSON."""
     ctx, batch = args.torch_child
-    hf = _torch_model(args.model)
+    hf = torch_model(args.model)
     prompts = book_prompts(load_tokenizer(args.model), batch, ctx, args.text)
     print(dumps({"torch_tok_s": time_torch(hf, prompts, args.new_tokens)}))
 

@@ -41,7 +41,7 @@ from smartkv_jax.cache import KVCache
 from smartkv_jax.data import encode, read_text, sentence_starts, text_files
 from smartkv_jax.generate import generate
 from smartkv_jax.model import Transformer
-from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.policy_table import PolicyConfig, native_slots
 
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text?"
@@ -351,7 +351,7 @@ def evaluate_needle(
     for ctx, group in tqdm(by_context.items(), desc="needle", disable=not progress, leave=False):
         if ctx > cfg.max_position:
             raise ValueError(f"context {ctx} exceeds the model's {cfg.max_position} tokens")
-        policy = policy_fn(ctx).resolve(ctx)
+        policy = policy_fn(ctx).resolve(ctx, cfg.layer_windows)
         pol_name = pol_name or policy.name
         if policy.needs_gates and gates is None:
             raise ValueError(f"policy {policy.name!r} has gated layers but no gates were given")
@@ -361,8 +361,9 @@ def evaluate_needle(
             model, policy, group, oracle_LBKT=oracle, probe_gates=probe_gates, **run
         )
         itemsize = jnp.dtype(model.dtype).itemsize
-        full = 2 * cfg.num_layers * len(group) * cfg.num_kv_heads * ctx * cfg.head_dim * itemsize
-        memory[ctx] = cache.kv_bytes() / full
+        native = native_slots(cfg.num_layers, ctx, cfg.layer_windows)
+        rows_bytes = 2 * len(group) * cfg.num_kv_heads * cfg.head_dim * itemsize
+        memory[ctx] = cache.kv_bytes() / (native * rows_bytes)  # of the native cache
         cells += [_cell(tokenizer, x, toks) for x, toks in zip(group, tokens)]
         gate_scores += _span_means(y, group)
         true_scores += _span_means(oracle, group)

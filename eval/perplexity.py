@@ -180,7 +180,7 @@ def streaming_nll(
     if t > cfg.max_position:
         raise ValueError(f"{t} tokens exceed the model's context of {cfg.max_position}")
     protocol_name(chunk)
-    policy = policy.resolve(t)
+    policy = policy.resolve(t, cfg.layer_windows)
     if policy.needs_gates and gates is None:
         raise ValueError(f"policy {policy.name!r} has gated layers but no gates were given")
     if policy.needs_oracle and oracle_LBKT is None:

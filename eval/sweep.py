@@ -201,13 +201,13 @@ def run_entry(e: Entry, data: SweepData, gates) -> dict[str, Any]:
 
 
 def _run_ppl(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[str, Any]:
-    s = data.settings.ppl
+    s, windows = data.settings.ppl, data.model.cfg.layer_windows
     try:
         policy = data.policy(e, s.tokens)
     except ValueError as err:  # a budget the policy cannot meet: recorded, not retried
         return {**row, "error": str(err)}
     if row["memory_fraction"] is None:
-        row["memory_fraction"] = round(policy.memory_fraction(s.tokens), 6)
+        row["memory_fraction"] = round(policy.memory_fraction(s.tokens, windows), 6)
     res = ppl_mod.evaluate_perplexity(
         data.model,
         policy,
@@ -219,7 +219,7 @@ def _run_ppl(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[str,
         desc=f"ppl {e.policy}@{row['memory_fraction']:g}",
     )
     nll_file = data.store.save_array(f"nll/{slug(e.key.replace('|', '__'))}.npy", res.nll)
-    effective = budget_effective(policy, s.tokens, s.chunk)
+    effective = budget_effective(policy, s.tokens, s.chunk, windows)
     return {
         **row,
         **res.summary(),
@@ -227,12 +227,12 @@ def _run_ppl(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[str,
         "policy": e.policy,
         "n_books": len(data.books),
         "nll_file": nll_file,
-        "policy_table": policy.resolve(s.tokens).table(),
+        "policy_table": policy.resolve(s.tokens, windows).table(),
     }
 
 
 def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[str, Any]:
-    s = data.settings.needle
+    s, windows = data.settings.needle, data.model.cfg.layer_windows
     try:
         for c in s.contexts:
             data.policy(e, c)
@@ -240,7 +240,7 @@ def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[s
         return {**row, "error": str(err)}
     top = data.policy(e, max(s.contexts))
     if row["memory_fraction"] is None:
-        row["memory_fraction"] = round(top.memory_fraction(max(s.contexts)), 6)
+        row["memory_fraction"] = round(top.memory_fraction(max(s.contexts), windows), 6)
     oracle_fn = None
     if top.needs_oracle:
         oracle_fn = ndl.needle_oracle(data.model, data.settings.tau, data.tokenizer)
@@ -259,7 +259,7 @@ def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[s
     )
     summary = res.summary()
     mem = summary.pop("memory_actual")
-    full_at = [c for c in s.contexts if not budget_effective(data.policy(e, c), c)]
+    full_at = [c for c in s.contexts if not budget_effective(data.policy(e, c), c, 1, windows)]
     return {
         **row,
         **summary,
@@ -269,7 +269,7 @@ def _run_needle(e: Entry, row: dict[str, Any], data: SweepData, gates) -> dict[s
         "memory_actual": float(np.mean(list(mem.values()))),
         "memory_by_context": mem,
         "protocol": f"prefill in chunks of {s.chunk}, question fed after the haystack",
-        "policy_table": top.resolve(max(s.contexts)).table(),
+        "policy_table": top.resolve(max(s.contexts), windows).table(),
     }
 
 

@@ -5,7 +5,8 @@ G = H // K; query head h reads kv head h // G), T new queries (1 for decode, or 
 chunk), S cache slots, D head dim, R = G * T query rows per kv head.
 
 A slot (b, kv, s) is valid for query (b, h, t) iff ``slot_pos[b, kv, s] >= 0`` and
-``slot_pos[b, kv, s] <= q_pos[b, t]``. A query with ``q_pos < 0`` is padding and sees no slot.
+``slot_pos[b, kv, s] <= q_pos[b, t]`` (and, with a ``window`` W, ``slot_pos > q_pos - W``: a
+sliding-window layer). A query with ``q_pos < 0`` is padding and sees no slot.
 Both functions return the softmax-weighted sum of v over valid slots (``out_BHTD``) and the
 log-sum-exp of the scaled logits over valid slots (``lse_BHT``, natural log), so the caller
 can merge this result with attention over the new chunk's own keys. A query with no valid
@@ -73,6 +74,12 @@ def _check_inputs(
     return B, H, K, T, S, D
 
 
+def _valid(slot_pos: jax.Array, q_pos: jax.Array, window: int) -> jax.Array:
+    """Which (query, slot) pairs attend: broadcastable int32 positions -> bool."""
+    ok = (slot_pos >= 0) & (slot_pos <= q_pos)
+    return ok & (slot_pos > q_pos - window) if window else ok
+
+
 def reference_decode_attention(
     q_BHTD: jax.Array,
     k_BKSD: jax.Array,
@@ -81,6 +88,7 @@ def reference_decode_attention(
     q_pos_BT: jax.Array,
     *,
     scale: float | None = None,
+    window: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Masked GQA attention of new queries over a cache, in plain jax.numpy.
 
@@ -91,6 +99,7 @@ def reference_decode_attention(
       slot_pos_BKS: token position held by each slot [B, K, S], int; -1 for an empty slot.
       q_pos_BT: token position of each query [B, T], int; negative for a padding query.
       scale: logit scale; defaults to D ** -0.5.
+      window: attention window W of a sliding-window layer (0: none).
 
     Returns:
       out_BHTD: float32 [B, H, T, D]; 0 for a query without valid slots.
@@ -106,7 +115,7 @@ def reference_decode_attention(
     s_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, precision=_HIGHEST) * scale
     slot_pos_BK11S = slot_pos_BKS.astype(jnp.int32)[:, :, None, None, :]
     q_pos_B11T1 = q_pos_BT.astype(jnp.int32)[:, None, None, :, None]
-    valid_BK1TS = (slot_pos_BK11S >= 0) & (slot_pos_BK11S <= q_pos_B11T1)
+    valid_BK1TS = _valid(slot_pos_BK11S, q_pos_B11T1, window)
     s_BKGTS = jnp.where(valid_BK1TS, s_BKGTS, -jnp.inf)
     m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
     m_safe_BKGT1 = jnp.where(m_BKGT1 == -jnp.inf, 0.0, m_BKGT1)
@@ -140,6 +149,7 @@ def _decode_attention_kernel(
     acc_sc,  # [R, D] float32 running sum of exp(logit - m) * v
     *,
     scale: float,
+    window: int,
     num_kv: int,
     num_blocks: int,
 ) -> None:
@@ -165,8 +175,7 @@ def _decode_attention_kernel(
             preferred_element_type=jnp.float32,
         )
         s_Rb = s_Rb * scale
-        slot_pos_1b = slot_pos_ref[...]
-        valid_Rb = (slot_pos_1b >= 0) & (slot_pos_1b <= q_pos_ref[...])
+        valid_Rb = _valid(slot_pos_ref[...], q_pos_ref[...], window)
         s_Rb = jnp.where(valid_Rb, s_Rb, -jnp.inf)
         m_prev_R1 = m_sc[...]
         m_new_R1 = jnp.maximum(m_prev_R1, jnp.max(s_Rb, axis=1, keepdims=True))
@@ -221,7 +230,7 @@ def _group_queries(q_BHTD: jax.Array, q_pos_BT: jax.Array, K: int) -> tuple[jax.
 
 
 def _live_blocks(
-    slot_pos_BKS: jax.Array, q_pos_BT: jax.Array, *, N: int, bs: int
+    slot_pos_BKS: jax.Array, q_pos_BT: jax.Array, *, N: int, bs: int, window: int
 ) -> tuple[jax.Array, jax.Array]:
     """Which slot blocks can contribute at all, and which block to fetch at each step.
 
@@ -233,6 +242,9 @@ def _live_blocks(
     B, K, _ = slot_pos_BKS.shape
     q_max_B = jnp.max(q_pos_BT, axis=1)
     valid_BKS = (slot_pos_BKS >= 0) & (slot_pos_BKS <= q_max_B[:, None, None])
+    if window:  # no query of the row reaches back past its earliest real query's window
+        q_min_B = jnp.min(jnp.where(q_pos_BT >= 0, q_pos_BT, q_max_B[:, None]), axis=1)
+        valid_BKS &= slot_pos_BKS > q_min_B[:, None, None] - window
     live_BKN = jnp.any(valid_BKS.reshape(B, K, N, bs), axis=-1)
     n_BKN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, K, N))
     last_live_BKN = lax.cummax(jnp.where(live_BKN, n_BKN, -1), axis=2)
@@ -244,7 +256,16 @@ def _live_blocks(
 
 
 def _decode_attention_call(
-    *, B: int, K: int, N: int, R: int, D: int, bs: int, scale: float, interpret: Any
+    *,
+    B: int,
+    K: int,
+    N: int,
+    R: int,
+    D: int,
+    bs: int,
+    scale: float,
+    window: int,
+    interpret: Any,
 ):
     """The ``pl.pallas_call`` of the kernel over grid (B, K, N), taking (live_flat, src_flat,
     q_BKRD, k_BKSD, v_BKSD, slot_pos_BK1S, q_pos_BR1) and returning (out_BKRD, lse_BKR1)."""
@@ -282,7 +303,13 @@ def _decode_attention_call(
             pltpu.VMEM((R, D), jnp.float32),
         ],
     )
-    kernel = functools.partial(_decode_attention_kernel, scale=scale, num_kv=K, num_blocks=N)
+    kernel = functools.partial(
+        _decode_attention_kernel,
+        scale=scale,
+        window=window,
+        num_kv=K,
+        num_blocks=N,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=[
@@ -306,6 +333,7 @@ def decode_attention(
     q_pos_BT: jax.Array,
     *,
     scale: float | None = None,
+    window: int = 0,
     block_s: int = 128,
     interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -324,6 +352,7 @@ def decode_attention(
       slot_pos_BKS: token position held by each slot [B, K, S], int; -1 for an empty slot.
       q_pos_BT: token position of each query [B, T], int; negative for a padding query.
       scale: logit scale; defaults to D ** -0.5.
+      window: attention window W of a sliding-window layer (0: none).
       block_s: slots per grid step. On TPU use a multiple of 128 (or any value >= S, which
         makes a single block of S slots).
       interpret: passed to ``pl.pallas_call`` (False, True or ``pltpu.InterpretParams``).
@@ -356,7 +385,17 @@ def decode_attention(
     k_BKSD, v_BKSD, slot_pos_BKS = _pad_slots(k_BKSD, v_BKSD, slot_pos_BKS, N * bs)
     q_BKRD, q_pos_BR1 = _group_queries(q_BHTD, q_pos_BT, K)
     slot_pos_BK1S = slot_pos_BKS.reshape(B, K, 1, N * bs)
-    live_flat, src_flat = _live_blocks(slot_pos_BKS, q_pos_BT, N=N, bs=bs)
-    call = _decode_attention_call(B=B, K=K, N=N, R=R, D=D, bs=bs, scale=scale, interpret=interpret)
+    live_flat, src_flat = _live_blocks(slot_pos_BKS, q_pos_BT, N=N, bs=bs, window=window)
+    call = _decode_attention_call(
+        B=B,
+        K=K,
+        N=N,
+        R=R,
+        D=D,
+        bs=bs,
+        scale=scale,
+        window=window,
+        interpret=interpret,
+    )
     out_BKRD, lse_BKR1 = call(live_flat, src_flat, q_BKRD, k_BKSD, v_BKSD, slot_pos_BK1S, q_pos_BR1)
     return out_BKRD.reshape(B, H, T, D), lse_BKR1.reshape(B, H, T)

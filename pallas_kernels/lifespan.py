@@ -73,7 +73,12 @@ def _dot_t(a_MD: jax.Array, b_ND: jax.Array) -> jax.Array:
 
 
 def dense_lifespan(
-    q_BHTD: jax.Array, k_BKTD: jax.Array, *, tau: float = 0.05, scale: float | None = None
+    q_BHTD: jax.Array,
+    k_BKTD: jax.Array,
+    *,
+    tau: float = 0.05,
+    scale: float | None = None,
+    window: int = 0,
 ) -> jax.Array:
     """Lifespans from the full causal softmax [B, H, T, T] (tests and memory benchmark only).
 
@@ -82,6 +87,8 @@ def dense_lifespan(
       k_BKTD: post-RoPE keys [B, K, T, D], float.
       tau: attention-probability threshold (strict: A > tau counts).
       scale: logit scale; defaults to D ** -0.5.
+      window: attention window W of a sliding-window layer (query i sees keys j > i - W;
+        0: none).
 
     Returns:
       L_BKT: int32 [B, K, T], lifespan of each key in tokens (0 when no query passes tau).
@@ -94,13 +101,18 @@ def dense_lifespan(
     s_BKGTT = jnp.einsum("bkgid,bkjd->bkgij", q_BKGTD, k_BKTD, precision=_HIGHEST) * scale
     i_T1 = jnp.arange(T, dtype=jnp.int32)[:, None]
     j_1T = jnp.arange(T, dtype=jnp.int32)[None, :]
-    causal_TT = i_T1 >= j_1T
+    causal_TT = _seen(i_T1, j_1T, window)
     s_BKGTT = jnp.where(causal_TT, s_BKGTT, -jnp.inf)
     lse_BKGT1 = jax.nn.logsumexp(s_BKGTT, axis=-1, keepdims=True)
     p_BKGTT = jnp.exp(s_BKGTT - lse_BKGT1)
     hit_BKTT = jnp.any(p_BKGTT > tau, axis=2) & causal_TT
     last_BKT = jnp.max(jnp.where(hit_BKTT, i_T1, -1), axis=2)
     return jnp.maximum(last_BKT - j_1T[0], 0).astype(jnp.int32)
+
+
+def _seen(i: jax.Array, j: jax.Array, window: int) -> jax.Array:
+    """Whether query position i attends to key position j (causal, windowed if W > 0)."""
+    return (i >= j) & (j > i - window) if window else i >= j
 
 
 def _blocked(x_BKTD: jax.Array, n: int, blk: int) -> jax.Array:
@@ -116,6 +128,7 @@ def reference_lifespan(
     tau: float = 0.05,
     scale: float | None = None,
     block: int = 128,
+    window: int = 0,
 ) -> jax.Array:
     """Lifespans computed blockwise in plain jax.numpy (no T x T matrix per head).
 
@@ -128,6 +141,7 @@ def reference_lifespan(
       tau: attention-probability threshold (strict: A > tau counts).
       scale: logit scale; defaults to D ** -0.5.
       block: tokens per block for both queries and keys.
+      window: as in `dense_lifespan`.
 
     Returns:
       L_BKT: int32 [B, K, T], lifespan of each key in tokens (0 when no query passes tau).
@@ -150,7 +164,7 @@ def reference_lifespan(
         s = jnp.einsum("bkgid,bkjd->bkgij", q_BKGbD, k_BKbD, precision=_HIGHEST) * scale
         i_b1 = (qn * bt + off_b)[:, None]
         j_1b = (kn * bt + off_b)[None, :]
-        mask_bb = (i_b1 >= j_1b) & (j_1b < T)
+        mask_bb = _seen(i_b1, j_1b, window) & (j_1b < T)
         return jnp.where(mask_bb, s, -jnp.inf), i_b1, j_1b
 
     # Pass 1: log-sum-exp of each query row over its causal keys (online softmax).
@@ -159,7 +173,9 @@ def reference_lifespan(
             m, l_sum = carry  # [B, K, G, bt] each
             s, _, _ = scores(qn, kn)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            l_sum = l_sum * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[..., None]), axis=-1)
+            # a block wholly outside a row's window leaves m at -inf: shift by 0 there
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            l_sum = l_sum * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s - m_safe[..., None]), axis=-1)
             return m_new, l_sum
 
         init = (

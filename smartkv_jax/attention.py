@@ -3,12 +3,39 @@ attention mass attention-scored policies rank by (docs/design.md: the cache, ker
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import decode_attention, reference_decode_attention
 
 from .cache import LayerCache
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRule:
+    """How one layer's queries see keys (static under jit): logit `scale` and the layer's
+    attention `window` W (a query at t sees positions > t - W; 0: every earlier position)."""
+
+    scale: float
+    window: int = 0
+
+    def logits(self, q: jax.Array, k: jax.Array, spec: str) -> jax.Array:
+        """Scaled float32 logits of einsum `spec` over q and k."""
+        return jnp.einsum(spec, q.astype(jnp.float32), k.astype(jnp.float32)) * self.scale
+
+    def chunk_mask(self, pos_BC: jax.Array) -> jax.Array:
+        """[B, Cq, Ck] which of the chunk's own keys each query sees (causal, windowed)."""
+        q, k = pos_BC[:, :, None], pos_BC[:, None, :]
+        ok = (k >= 0) & (k <= q)
+        return ok & (k > q - self.window) if self.window else ok
+
+    def slot_mask(self, visible_pos_BKS: jax.Array, pos_BC: jax.Array) -> jax.Array:
+        """[B, K, 1, C, S] which cache slots each query sees."""
+        s, q = visible_pos_BKS[:, :, None, None, :], pos_BC[:, None, None, :, None]
+        ok = (s >= 0) & (s <= q)
+        return ok & (s > q - self.window) if self.window else ok
 
 
 def attend(
@@ -18,6 +45,7 @@ def attend(
     k_BKCD: jax.Array,
     v_BKCD: jax.Array,
     pos_BC: jax.Array,
+    rule: AttentionRule,
     kernels: str = "reference",
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of a chunk of C new queries over the cache plus the chunk's own keys.
@@ -31,16 +59,15 @@ def attend(
     b, h, c, d = q_BHCD.shape
     kh = k_BKCD.shape[1]
     g = h // kh
-    scale = d**-0.5
     args = (q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC)
+    how = {"scale": rule.scale, "window": rule.window}
     if kernels == "reference":
-        out_c, lse_c = reference_decode_attention(*args, scale=scale)
+        out_c, lse_c = reference_decode_attention(*args, **how)
     else:
-        out_c, lse_c = decode_attention(*args, scale=scale, interpret=kernels == "interpret")
-    qg = q_BHCD.reshape(b, kh, g, c, d).astype(jnp.float32)
-    logits = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
-    ok = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])  # [B, Cq, Ck]
-    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
+        out_c, lse_c = decode_attention(*args, **how, interpret=kernels == "interpret")
+    qg = q_BHCD.reshape(b, kh, g, c, d)
+    logits = rule.logits(qg, k_BKCD, "bkgqd,bkcd->bkgqc")
+    logits = jnp.where(rule.chunk_mask(pos_BC)[:, None, None], logits, -jnp.inf)
     lse_n = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, Cq]
     safe_n = jnp.where(jnp.isfinite(lse_n), lse_n, 0.0)
     p_n = jnp.exp(logits - safe_n[..., None])
@@ -62,6 +89,7 @@ def attention_mass(
     pos_BC: jax.Array,
     lse_BHC: jax.Array,
     weight_BC: jax.Array,
+    rule: AttentionRule,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention probability paid to each cache slot and each new token, summed over the
     query heads of each KV group and over the chunk's queries weighted by weight_BC.
@@ -70,16 +98,13 @@ def attention_mass(
     """
     b, h, c, d = q_BHCD.shape
     kh = k_BKCD.shape[1]
-    scale = d**-0.5
-    qg = q_BHCD.reshape(b, kh, h // kh, c, d).astype(jnp.float32)
+    qg = q_BHCD.reshape(b, kh, h // kh, c, d)
     lse = jnp.where(jnp.isfinite(lse_BHC), lse_BHC, jnp.inf).reshape(b, kh, h // kh, c, 1)
     w = weight_BC.astype(jnp.float32)[:, None, None, :, None]
-    s_c = jnp.einsum("bkgqd,bksd->bkgqs", qg, cache.k.astype(jnp.float32)) * scale
-    ok_c = (visible_pos_BKS[:, :, None, None, :] >= 0) & (
-        visible_pos_BKS[:, :, None, None, :] <= pos_BC[:, None, None, :, None]
-    )
+    s_c = rule.logits(qg, cache.k, "bkgqd,bksd->bkgqs")
+    ok_c = rule.slot_mask(visible_pos_BKS, pos_BC)
     mass_c = jnp.sum(jnp.where(ok_c, jnp.exp(s_c - lse), 0.0) * w, axis=(2, 3))
-    s_n = jnp.einsum("bkgqd,bkcd->bkgqc", qg, k_BKCD.astype(jnp.float32)) * scale
-    ok_n = (pos_BC[:, None, :] >= 0) & (pos_BC[:, None, :] <= pos_BC[:, :, None])
-    mass_n = jnp.sum(jnp.where(ok_n[:, None, None], jnp.exp(s_n - lse), 0.0) * w, axis=(2, 3))
+    s_n = rule.logits(qg, k_BKCD, "bkgqd,bkcd->bkgqc")
+    ok_n = rule.chunk_mask(pos_BC)[:, None, None]
+    mass_n = jnp.sum(jnp.where(ok_n, jnp.exp(s_n - lse), 0.0) * w, axis=(2, 3))
     return mass_c, mass_n

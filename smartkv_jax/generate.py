@@ -225,7 +225,9 @@ def generate(
     chunk = min(chunk, _pow2_at_least(longest))
     n_out = _pow2_at_least(max_new_tokens)
     max_len = _round_up(_round_up(longest, chunk) + n_out, 256)
-    policy = (policy or PolicyConfig.uniform(model.cfg.num_layers)).resolve(max_len)
+    policy = (policy or PolicyConfig.uniform(model.cfg.num_layers)).resolve(
+        max_len, model.cfg.layer_windows
+    )
     cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     cache = init_cache(cfg, policy, len(prompts), model.dtype)

@@ -1,5 +1,8 @@
-"""Llama / Mistral / Qwen2 decoder as Flax NNX modules over the fixed-shape KV cache
-(docs/design.md: parts and layers, the cache).
+"""Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 decoder as Flax NNX modules over the fixed-shape
+KV cache (docs/design.md: parts and layers, the cache, model families). The families differ
+only in ModelConfig fields: q/k norms, (1 + w) norms, sandwich norms, the MLP activation, the
+embedding scale, attention scale, the final soft-cap, and per-layer attention windows and RoPE
+bases.
 
 `Transformer` holds the embedding, the final norm, the LM head and the decoder layers as
 `LayerStack`s: every weight of a stack is stacked on a leading layer axis, so the layers of
@@ -8,8 +11,9 @@ names its logical axes, smartkv_jax/sharding.py maps them to the mesh):
 
     embed [V, E], final_norm [E], lm_head [E, V] (absent when the embeddings are tied)
     per stack of N layers: attn_norm [N, E], wq [N, E, H*D], wk/wv [N, E, K*D],
-    bq [N, H*D], bk/bv [N, K*D] (qkv_bias only), wo [N, H*D, E], mlp_norm [N, E],
-    w_gate/w_up [N, E, F], w_down [N, F, E]
+    bq [N, H*D], bk/bv [N, K*D] (qkv_bias only), q_norm/k_norm [N, D] (qk_norm only),
+    wo [N, H*D, E], post_attn_norm [N, E] (sandwich_norms only), mlp_norm [N, E],
+    w_gate/w_up [N, E, F], w_down [N, F, E], post_mlp_norm [N, E] (sandwich_norms only)
 
 The model never names an eviction policy: each layer asks its policy (smartkv_jax/policy.py)
 for visible slots, scores and ranks, and hands it the layer's slice of any side input.
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import cache as kvcache
-from .attention import attend
+from .attention import AttentionRule, attend
 from .cache import KVCache, LayerCache
 from .config import ModelConfig, RopeScaling
 from .policy import CachePolicy, ChunkView
@@ -45,12 +49,33 @@ LAYER_AXES = {
     "bq": ("layers", "q_heads"),
     "bk": ("layers", "kv_heads"),
     "bv": ("layers", "kv_heads"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
     "wo": ("layers", "q_heads", "embed"),
+    "post_attn_norm": ("layers", "embed"),
     "mlp_norm": ("layers", "embed"),
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
+    "post_mlp_norm": ("layers", "embed"),
 }
+# weights only some families have, by the config flag that asks for them
+OPTIONAL = {
+    "bq": "qkv_bias",
+    "bk": "qkv_bias",
+    "bv": "qkv_bias",
+    "q_norm": "qk_norm",
+    "k_norm": "qk_norm",
+    "post_attn_norm": "sandwich_norms",
+    "post_mlp_norm": "sandwich_norms",
+}
+
+
+def layer_weight_names(cfg: ModelConfig) -> list[str]:
+    """The per-layer weights a model of this config has."""
+    return [n for n in LAYER_AXES if n not in OPTIONAL or getattr(cfg, OPTIONAL[n])]
+
+
 TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 
 
@@ -61,6 +86,8 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
     """Inverse frequencies [D/2] (radians per position), with the llama3 rule if asked."""
     inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.kind == "linear":
+        return inv / scaling.factor
     if scaling.kind != "llama3":
         return inv
     wavelen = 2 * math.pi / inv
@@ -86,10 +113,19 @@ def apply_rope(x_BNCD: jax.Array, pos_BC: jax.Array, inv_freq: jax.Array) -> jax
     return (xf * cos + rot * sin).astype(x_BNCD.dtype)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm over the last axis in float32; weights applied as (1 + w) when `plus_one`."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
-    return (y * w.astype(jnp.float32)).astype(x.dtype)
+    wf = w.astype(jnp.float32)
+    return (y * (1.0 + wf if plus_one else wf)).astype(x.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 @partial(
@@ -125,7 +161,6 @@ class LayerUpdate:
 jax.tree_util.register_dataclass(
     LayerUpdate, data_fields=["pos", "score", "dest", "k", "v"], meta_fields=[]
 )
-BIASES = ("bq", "bk", "bv")  # Qwen2 / attention_bias only
 
 
 class LayerStack(nnx.Module):
@@ -134,7 +169,7 @@ class LayerStack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, jax.Array]):
         self.cfg = cfg
-        names = [n for n in LAYER_AXES if cfg.qkv_bias or n not in BIASES]
+        names = layer_weight_names(cfg)
         missing = sorted(set(names) - set(weights))
         if missing:
             raise ValueError(f"layer weights missing: {missing}")
@@ -145,7 +180,12 @@ class LayerStack(nnx.Module):
         """The stack's weights by name (each [N, ...])."""
         return {n: getattr(self, n)[...] for n in LAYER_AXES if hasattr(self, n)}
 
+    def _norm(self, x: jax.Array, name: str) -> jax.Array:
+        cfg = self.cfg
+        return rms_norm(x, getattr(self, name)[...], cfg.rms_norm_eps, cfg.norm_plus_one)
+
     def _qkv(self, h_BCE: jax.Array):
+        """Queries [B, H, C, D], keys and values [B, K, C, D], q/k normed (before RoPE)."""
         cfg = self.cfg
         b, c, _ = h_BCE.shape
         q, k, v = h_BCE @ self.wq[...], h_BCE @ self.wk[...], h_BCE @ self.wv[...]
@@ -155,11 +195,16 @@ class LayerStack(nnx.Module):
         q = q.reshape(b, c, cfg.num_heads, d).transpose(0, 2, 1, 3)  # [B, H, C, D]
         k = k.reshape(b, c, cfg.num_kv_heads, d).transpose(0, 2, 1, 3)  # [B, K, C, D]
         v = v.reshape(b, c, cfg.num_kv_heads, d).transpose(0, 2, 1, 3)
+        if cfg.qk_norm:
+            q, k = self._norm(q, "q_norm"), self._norm(k, "k_norm")
         return q, k, v
 
     def _mlp(self, x_BCE: jax.Array) -> jax.Array:
-        h = rms_norm(x_BCE, self.mlp_norm[...], self.cfg.rms_norm_eps)
-        return (jax.nn.silu(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]
+        """The MLP's residual branch (its norms included)."""
+        h = self._norm(x_BCE, "mlp_norm")
+        act = ACTIVATION_FNS[self.cfg.activation]
+        out = (act(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]
+        return self._norm(out, "post_mlp_norm") if self.cfg.sandwich_norms else out
 
     def __call__(
         self,
@@ -175,17 +220,18 @@ class LayerStack(nnx.Module):
         """One layer over a chunk, reading its cache `lc` under `policy` (aux: the layer's
         side input). Returns the new hidden states, the cache update and the probe's output."""
         b, c, _ = x_BCE.shape
-        h = rms_norm(x_BCE, self.attn_norm[...], self.cfg.rms_norm_eps)
-        q, k_pre, v = self._qkv(h)
+        cfg = self.cfg
+        q, k_pre, v = self._qkv(self._norm(x_BCE, "attn_norm"))
         q = apply_rope(q, pos_BC, inv_freq)
         k = apply_rope(k_pre, pos_BC, inv_freq)
         t_B = jnp.max(pos_BC, axis=1)  # newest position of each row after this chunk
         visible = policy.visible(lc.pos, lc.score, t_B)
-        out, lse = attend(lc, visible, q, k, v, pos_BC, kernels)
-        out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1)
-        x = x_BCE + out @ self.wo[...]
+        rule = AttentionRule(cfg.scale, policy.window)
+        out, lse = attend(lc, visible, q, k, v, pos_BC, rule, kernels)
+        out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1) @ self.wo[...]
+        x = x_BCE + (self._norm(out, "post_attn_norm") if cfg.sandwich_norms else out)
         x = x + self._mlp(x)
-        view = ChunkView(lc, visible, q, k, k_pre, pos_BC, t_B, lse, aux)
+        view = ChunkView(lc, visible, q, k, k_pre, pos_BC, t_B, lse, aux, rule)
         update = _evict(policy, view, v)
         return x, update, None if probe is None else probe(q, k, k_pre)
 
@@ -255,7 +301,15 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits [..., V] in float32 from final hidden states [..., E]."""
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return (hidden @ w).astype(jnp.float32)
+        return soft_cap((hidden @ w).astype(jnp.float32), self.cfg.final_softcap)
+
+    def inv_freq(self, window: int) -> jax.Array:
+        """RoPE inverse frequencies [D/2] of a layer with attention `window` (0: global):
+        windowed layers have their own base where the config sets one (Gemma 3)."""
+        cfg = self.cfg
+        if window and cfg.local_rope_theta is not None:
+            return rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, RopeScaling())
+        return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def __call__(
         self,
@@ -275,9 +329,10 @@ class Transformer(nnx.Module):
         RoPE), `probes` holds its outputs stacked over layers (axis 0).
         """
         aux = _check_call(self.cfg, tokens_BC, pos_BC, policy, aux or {})
-        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         model = self.regroup(cache.bounds)
         x = model.embed[...][tokens_BC]
+        if self.cfg.embed_scale:  # Gemma: sqrt(E), rounded to the model's dtype first
+            x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), x.dtype)
         groups, probes = [], []
         for stack, (start, end), lc, (_, _, p) in zip(
             model.stacks, cache.bounds, cache.groups, policy.groups()
@@ -285,7 +340,9 @@ class Transformer(nnx.Module):
             aux_g = {n: jax.tree.map(lambda a, s=start, e=end: a[s:e], aux[n]) for n in aux}
             layer_aux = aux_g.get(p.needs) if p.needs else None
 
-            def body(x, layer, p=p, kernels=cache.kernels):
+            inv_freq = self.inv_freq(p.window)
+
+            def body(x, layer, p=p, kernels=cache.kernels, inv_freq=inv_freq):
                 weights, lc_one, aux_one = layer
                 x, update, probed = weights(x, pos_BC, lc_one, p, aux_one, inv_freq, kernels, probe)
                 return x, (update, probed)
@@ -295,7 +352,7 @@ class Transformer(nnx.Module):
             x, (u, probed) = jax.lax.scan(body, x, (stack, lc, layer_aux))
             groups.append(kvcache.write_rows(lc, u.pos, u.score, u.dest, u.k, u.v))
             probes.append(probed)
-        x = rms_norm(x, model.final_norm[...], self.cfg.rms_norm_eps)
+        x = rms_norm(x, model.final_norm[...], self.cfg.rms_norm_eps, self.cfg.norm_plus_one)
         new_cache = dataclasses.replace(cache, groups=tuple(groups))
         if probe is None:
             return ForwardOutput(x, new_cache)
@@ -309,6 +366,7 @@ def _check_call(cfg, tokens_BC, pos_BC, policy: PolicyConfig, aux: dict) -> dict
         raise ValueError(f"tokens {tokens_BC.shape} and positions {pos_BC.shape} must be [B, C]")
     if len(policy.layers) != cfg.num_layers:
         raise ValueError(f"policy has {len(policy.layers)} layers, model has {cfg.num_layers}")
+    policy.check_windows(cfg.layer_windows)
     missing = sorted(n for n in policy.needs if aux.get(n) is None)
     if missing:
         raise ValueError(f"the policy's layers need side inputs that were not given: {missing}")
@@ -317,7 +375,7 @@ def _check_call(cfg, tokens_BC, pos_BC, policy: PolicyConfig, aux: dict) -> dict
 
 def random_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> dict[str, Any]:
     """Random weights {"embed", "final_norm", "lm_head"?, "layers": {...}} (N(0, 0.02),
-    norms at 1)."""
+    norms the identity)."""
     e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     hd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {
@@ -336,11 +394,14 @@ def random_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> dict[s
         name: (0.02 * jax.random.normal(k, s)).astype(dtype)
         for k, (name, s) in zip(keys, sorted(shapes.items()))
     }
-    layers["attn_norm"] = jnp.ones((n, e), dtype)
-    layers["mlp_norm"] = jnp.ones((n, e), dtype)
+    norm = jnp.zeros if cfg.norm_plus_one else jnp.ones  # the identity either way
+    norms = {"q_norm": cfg.head_dim, "k_norm": cfg.head_dim}
+    for name in layer_weight_names(cfg):
+        if name.endswith("norm"):
+            layers[name] = norm((n, norms.get(name, e)), dtype)
     weights = {
         "embed": (0.02 * jax.random.normal(keys[-2], (cfg.vocab_size, e))).astype(dtype),
-        "final_norm": jnp.ones((e,), dtype),
+        "final_norm": norm((e,), dtype),
         "layers": layers,
     }
     if not cfg.tie_embeddings:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import DEFAULT_MODEL, load_model, smollm2_path
+from .convert import load_model, model_path
 
 
-def _torch_model(name: str):
+def torch_model(name: str):
+    """transformers' PyTorch model of a checkpoint named as in `load_model`, in float32."""
     try:
         import torch
     except ImportError as err:
@@ -18,7 +19,7 @@ def _torch_model(name: str):
         ) from err
     from transformers import AutoModelForCausalLM
 
-    path = smollm2_path() if name == DEFAULT_MODEL else Path(name)
+    path = model_path(name)
     if path.suffix == ".gguf":  # transformers dequantizes GGUF weights to float32 itself
         return AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -46,10 +47,10 @@ def run_parity(model: str, text_file: Path, n_tokens: int = 512, greedy_tokens: 
     if len(ids) < n_tokens:
         raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than --tokens {n_tokens}")
     ids = ids[:n_tokens]
-    ref = _torch_model(model)
+    ref = torch_model(model)
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
-    policy = PolicyConfig.uniform(ours.cfg.num_layers).resolve(n_tokens)
+    policy = PolicyConfig.uniform(ours.cfg.num_layers).resolve(n_tokens, ours.cfg.layer_windows)
     cache = init_cache(ours.cfg, policy, 1)
     pos = jnp.arange(n_tokens, dtype=jnp.int32)[None]
     hidden = ours.model(jnp.asarray([ids]), pos, cache, policy).hidden

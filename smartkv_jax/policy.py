@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from .attention import attention_mass
+from .attention import AttentionRule, attention_mass
 from .cache import LayerCache
 from .gates import apply_layer
 
@@ -46,6 +46,7 @@ class ChunkView:
     saw them. q_BHCD, k_BKCD: queries and keys after RoPE; k_pre_BKCD: keys before RoPE.
     pos_BC: positions (-1 = padding); t_B: newest position per row. lse_BHC: log-sum-exp of
     the chunk's attention logits over cache + chunk. aux: this layer's side input (`needs`).
+    rule: how the layer's queries see keys (scale, window).
     """
 
     cache: LayerCache
@@ -57,6 +58,7 @@ class ChunkView:
     t_B: jax.Array
     lse_BHC: jax.Array
     aux: Any = None
+    rule: AttentionRule | None = None
 
     @property
     def pos_BKC(self) -> jax.Array:
@@ -69,15 +71,21 @@ class CachePolicy:
     """Base strategy: tokens ranked by position, so the oldest is evicted first.
 
     capacity: slots per (batch, KV head); None = as long as the whole sequence.
+    window: the attention window W the model itself gives the layer (0: global; set by
+        `PolicyConfig.for_model`): a slot older than W positions is never read again, so it
+        ranks as empty.
     """
 
     kind: ClassVar[str] = ""
     needs: ClassVar[str | None] = None  # name of the per-layer side input read from aux
     capacity: int | None = None
+    window: int = 0
 
     def __post_init__(self) -> None:
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
 
     def initial_scores(self, view: ChunkView) -> jax.Array:
         """Score stored with each new token, [B, K, C] float32 (default: its position)."""
@@ -97,8 +105,11 @@ class CachePolicy:
 
     def ranks(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
         """Rank of each slot (or new token) at time t_B, [B, K, N] float32 (pos, score
-        [B, K, N]); empty slots (pos -1) rank -inf."""
-        return jnp.where(pos >= 0, self.base_ranks(pos, score, t_B), -jnp.inf)
+        [B, K, N]); empty slots (pos -1), and slots out of the layer's window, rank -inf."""
+        live = pos >= 0
+        if self.window:
+            live &= pos > t_B[:, None, None] - self.window
+        return jnp.where(live, self.base_ranks(pos, score, t_B), -jnp.inf)
 
     def visible(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
         """Slot positions as attention sees them at time t_B; -1 hides a slot."""
@@ -110,7 +121,8 @@ class CachePolicy:
 
     def describe(self) -> str:
         cap = "all" if self.capacity is None else str(self.capacity)
-        extra = self.settings()
+        window = f"sliding window {self.window}" if self.window else ""
+        extra = ", ".join(part for part in (self.settings(), window) if part)
         return f"{self.kind}({cap} slots{', ' + extra if extra else ''})"
 
 
@@ -304,7 +316,7 @@ class AttentionPolicy(ProtectedPolicy):
         weight_BC = self.observed(view.pos_BC, view.t_B).astype(jnp.float32)
         v = view
         mass_BKS, mass_BKC = attention_mass(
-            v.cache, v.visible_BKS, v.q_BHCD, v.k_BKCD, v.pos_BC, v.lse_BHC, weight_BC
+            v.cache, v.visible_BKS, v.q_BHCD, v.k_BKCD, v.pos_BC, v.lse_BHC, weight_BC, v.rule
         )
         slots = self.update_scores(view.cache.score, mass_BKS)
         return slots, self.new_token_scores(mass_BKC).astype(jnp.float32)

@@ -54,15 +54,37 @@ class PolicyConfig:
         p = policy or FullPolicy()
         return cls(layers=(p,) * num_layers, name=p.kind)
 
-    def resolve(self, max_len: int) -> PolicyConfig:
-        """Fill capacity=None with `max_len` and cap every capacity at `max_len`."""
-        return dataclasses.replace(
-            self,
-            layers=tuple(
-                dataclasses.replace(p, capacity=min(p.capacity or max_len, max_len))
-                for p in self.layers
-            ),
-        )
+    def resolve(self, max_len: int, windows: tuple[int, ...] = ()) -> PolicyConfig:
+        """The table as it runs on sequences of up to `max_len` tokens of a model with per-layer
+        attention `windows` (ModelConfig.layer_windows; () = every layer global).
+
+        Capacities None become `max_len`, and none exceeds it. Each layer's policy carries
+        its window. A windowed layer whose policy was not written for that window keeps its
+        native cache, its min(W, max_len) newest tokens: all the model reads, so nothing is
+        lost. One whose row sets that window is budgeted by its own policy, at most W slots.
+        Raises SmartKVError for a row that sets a window the model does not have."""
+        windows = windows or (0,) * len(self.layers)
+        layers = []
+        for i, (p, w) in enumerate(zip(self.layers, windows)):
+            if p.window and p.window != w:
+                raise SmartKVError(
+                    f"policy {self.name!r} gives layer {i} an attention window of {p.window}; "
+                    f"the model's is {w or 'none (a global layer)'}"
+                )
+            if w and not p.window:
+                p = RecentPolicy(window=w)
+            cap = min(p.capacity or max_len, max_len, w or max_len)
+            layers.append(dataclasses.replace(p, capacity=cap))
+        return dataclasses.replace(self, layers=tuple(layers))
+
+    def check_windows(self, windows: tuple[int, ...]) -> None:
+        """ValueError unless every layer's policy carries the model's window (`resolve`)."""
+        got = tuple(p.window for p in self.layers)
+        if got != (windows or (0,) * len(self.layers)):
+            raise ValueError(
+                f"policy windows {got} differ from the model's layer windows {windows}; "
+                "resolve the policy with the model's layer_windows"
+            )
 
     def groups(self) -> list[tuple[int, int, CachePolicy]]:
         """Maximal runs of consecutive layers with the same policy: (start, end, policy)."""
@@ -87,13 +109,14 @@ class PolicyConfig:
     def needs_oracle(self) -> bool:
         return "oracle" in self.needs
 
-    def slots(self, max_len: int) -> int:
+    def slots(self, max_len: int, windows: tuple[int, ...] = ()) -> int:
         """Total slots per (batch, KV head) over all layers at sequence length `max_len`."""
-        return sum(p.capacity for p in self.resolve(max_len).layers)
+        return sum(p.capacity for p in self.resolve(max_len, windows).layers)
 
-    def memory_fraction(self, max_len: int) -> float:
-        """KV bytes of this policy over the full cache's at sequence length `max_len`."""
-        return self.slots(max_len) / (max_len * len(self.layers))
+    def memory_fraction(self, max_len: int, windows: tuple[int, ...] = ()) -> float:
+        """KV bytes of this policy over the model's native cache's at sequence length
+        `max_len` (every token of a global layer, the window of a windowed one)."""
+        return self.slots(max_len, windows) / native_slots(len(self.layers), max_len, windows)
 
     def table(self) -> str:
         """Markdown table of layer ranges and their policies (printed in every report)."""
@@ -149,6 +172,12 @@ class PolicyConfig:
         path = Path(path)
         text = read_text_file(path, "policy table")
         return cls.from_json(text, num_layers, where=f"policy table {path}")
+
+
+def native_slots(num_layers: int, max_len: int, windows: tuple[int, ...] = ()) -> int:
+    """Slots per (batch, KV head) of the model's own cache at `max_len` tokens: `max_len` for
+    a global layer, min(W, max_len) for a layer with attention window W."""
+    return sum(min(w or max_len, max_len) for w in windows or (0,) * num_layers)
 
 
 _TABLE_KEYS = ("name", "layers")
@@ -261,19 +290,23 @@ def check_budget(context: int, memory_fraction: float | None = None) -> None:
         check_range("memory_fraction", memory_fraction, 0, 1, low_open=True)
 
 
-def budget_effective(policy: PolicyConfig, length: int, chunk: int = 1) -> bool:
+def budget_effective(
+    policy: PolicyConfig, length: int, chunk: int = 1, windows: tuple[int, ...] = ()
+) -> bool:
     """Whether the policy's budget can change what any query reads when `length` tokens are
     fed `chunk` at a time (the last ones, say generated tokens, one at a time: chunk 1).
 
     A query reads the cache plus its own chunk, so a layer whose capacity is at least the
     position where the last chunk starts never drops a token a query would read; the budget
-    takes effect only when some layer holds fewer slots than that. False: the results are
-    the full cache's whatever the memory fraction says.
+    takes effect only when some layer holds fewer slots than that (and, for a layer with an
+    attention window W, fewer than W: its native cache). False: the results are the native
+    cache's whatever the memory fraction says.
     """
     check_range("length", length, 1)
     check_range("chunk", chunk, 1)
     last_start = (length - 1) // chunk * chunk
-    return min(p.capacity for p in policy.resolve(length).layers) < last_start
+    layers = policy.resolve(length, windows).layers
+    return any(p.capacity < min(last_start, p.window or last_start) for p in layers)
 
 
 def make_policy(

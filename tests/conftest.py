@@ -36,9 +36,9 @@ def full_logits(model, tokens_BT: np.ndarray, lengths=None) -> np.ndarray:
     b, t = tokens_BT.shape
     lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
     pos = np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1)
-    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t)
+    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t, model.cfg.layer_windows)
     cache = init_cache(model.cfg, policy, b, model.dtype)
-    graph, state = nnx.split(model)
+    graph, state = nnx.split(model.regroup(cache.bounds))
     return np.asarray(chunk_logits(graph, state, policy, tokens_BT, pos, cache)[0])
 
 
@@ -76,7 +76,9 @@ def tiny_hf_config(kind: str = "llama", **overrides):
     cls = {
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
         "mistral": transformers.MistralConfig,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }[kind]
     return cls(**base)
 

@@ -17,8 +17,9 @@ INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_mem
 RTOL = ATOL = 1e-5
 
 
-def numpy_attention(q_BHTD, k_BKSD, v_BKSD, slot_pos_BKS, q_pos_BT, scale=None):
-    """Straightforward float64 loop over (b, h, t): returns (out_BHTD, lse_BHT)."""
+def numpy_attention(q_BHTD, k_BKSD, v_BKSD, slot_pos_BKS, q_pos_BT, scale=None, window=0):
+    """Straightforward float64 loop over (b, h, t): returns (out_BHTD, lse_BHT). window W:
+    a query at t sees slots at positions > t - W."""
     q = np.asarray(q_BHTD, np.float64)
     k = np.asarray(k_BKSD, np.float64)
     v = np.asarray(v_BKSD, np.float64)
@@ -32,6 +33,8 @@ def numpy_attention(q_BHTD, k_BKSD, v_BKSD, slot_pos_BKS, q_pos_BT, scale=None):
             kv = h // (H // K)
             for t in range(T):
                 valid = (slot_pos_BKS[b, kv] >= 0) & (slot_pos_BKS[b, kv] <= q_pos_BT[b, t])
+                if window:
+                    valid &= slot_pos_BKS[b, kv] > q_pos_BT[b, t] - window
                 if not valid.any():
                     continue
                 s = k[b, kv][valid] @ q[b, h, t] * scale
@@ -134,6 +137,23 @@ def test_custom_scale_and_jit():
     np.testing.assert_allclose(lse, ref_lse, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(ref_out, np_out, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(ref_lse, np_lse, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_sliding_window(window):
+    """Slots older than the window are masked for each query by its own position; blocks
+    with no slot inside any query's window are skipped."""
+    q, k, v, slot_pos, q_pos = make_case("random", 2, 4, 2, 5, 37, 8, seed=2)
+    fn = functools.partial(decode_attention, window=window, block_s=8, interpret=INTERPRET)
+    out, lse = jax.jit(fn)(q, k, v, slot_pos, q_pos)
+    ref_out, ref_lse = reference_decode_attention(q, k, v, slot_pos, q_pos, window=window)
+    np_out, np_lse = numpy_attention(q, k, v, slot_pos, q_pos, window=window)
+    np.testing.assert_allclose(out, ref_out, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(lse, ref_lse, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(ref_out, np_out, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(ref_lse, np_lse, rtol=RTOL, atol=ATOL)
+    full_lse = numpy_attention(q, k, v, slot_pos, q_pos)[1]
+    assert window == 40 or not np.allclose(np_lse, full_lse)  # the window did mask something
 
 
 def test_lse_merges_two_caches():

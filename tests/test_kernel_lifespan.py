@@ -16,8 +16,9 @@ from pallas_kernels.lifespan import dense_lifespan, lifespan, reference_lifespan
 INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 
 
-def numpy_lifespan(q_BHTD, k_BKTD, tau=0.05, scale=None):
-    """The docs/design.md definition, literally, in float64."""
+def numpy_lifespan(q_BHTD, k_BKTD, tau=0.05, scale=None, window=0):
+    """The docs/design.md definition, literally, in float64 (window W: query i sees keys
+    j > i - W)."""
     q = np.asarray(q_BHTD, np.float64)
     k = np.asarray(k_BKTD, np.float64)
     B, H, T, D = q.shape
@@ -28,7 +29,10 @@ def numpy_lifespan(q_BHTD, k_BKTD, tau=0.05, scale=None):
     for b in range(B):
         for h in range(H):
             s = q[b, h] @ k[b, h // G].T * scale
-            s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+            seen = np.tril(np.ones((T, T), bool))
+            if window:
+                seen &= np.triu(np.ones((T, T), bool), -(window - 1))
+            s = np.where(seen, s, -np.inf)
             a = np.exp(s - s.max(axis=1, keepdims=True))
             a /= a.sum(axis=1, keepdims=True)
             for j in range(T):
@@ -145,6 +149,21 @@ def test_custom_scale_reference_only():
     want = numpy_lifespan(q, k, tau=0.1, scale=0.9)
     ref = jax.jit(functools.partial(reference_lifespan, tau=0.1, scale=0.9, block=8))(q, k)
     dense = jax.jit(functools.partial(dense_lifespan, tau=0.1, scale=0.9))(q, k)
+    assert_all_equal(want, ref, dense)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window_reference_and_dense(window):
+    """A sliding-window layer: keys older than W positions get no attention, so no lifespan
+    reaches W, and the softmax runs over the window alone."""
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((2, 4, 37, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 37, 8)).astype(np.float32)
+    want = numpy_lifespan(q, k, tau=0.05, window=window)
+    assert want.max() < window and (window == 1 or want.max() > 0)
+    assert not np.array_equal(want, numpy_lifespan(q, k, tau=0.05)) or window == 1
+    ref = jax.jit(functools.partial(reference_lifespan, tau=0.05, window=window, block=8))(q, k)
+    dense = jax.jit(functools.partial(dense_lifespan, tau=0.05, window=window))(q, k)
     assert_all_equal(want, ref, dense)
 
 

@@ -26,7 +26,7 @@ import functools
 import numpy as np
 
 from smartkv_jax.kernels import slot_block
-from smartkv_jax.policy import GatedPolicy, RecentPolicy, WindowPolicy
+from smartkv_jax.policy import FullPolicy, GatedPolicy, RecentPolicy, WindowPolicy
 from smartkv_jax.policy_table import PolicyConfig
 
 from .label_store import open_store
@@ -39,12 +39,13 @@ DISCOUNT = 0.5  # gated layers rank by score - DISCOUNT * log4(1 + age) (Lifespa
 def layer_statistics(store_path: str, tau: float = 0.05) -> dict[str, np.ndarray]:
     """Per-layer lifespan statistics of the uncensored keys: q95 [L] (max over heads),
     long_share [L] (max over heads of the share of keys with L >= 64), live [L] (max over
-    heads of mean(L + 1))."""
+    heads of mean(L + 1)), windows [L] (the model's attention window per layer, 0: global)."""
     store = open_store(store_path)
     life = store.lifespan_NTLK[~store.censored_N, store.tau_index(tau)].astype(np.float64)
     if life.shape[0] == 0:
         raise ValueError(f"label store {store_path} has no uncensored keys")
     stats = {
+        "windows": np.asarray(store.layer_windows or (0,) * life.shape[1], np.int64),
         "q95": np.quantile(life, 0.95, axis=0).max(-1),
         "long_share": (life >= 64).mean(0).max(-1),
         "live": (life + 1).mean(0).max(-1),
@@ -80,16 +81,20 @@ def table_from_statistics(
     """The calibration rule on per-layer statistics (as `layer_statistics` returns them).
     block: round capacities above one block down to multiples of it, so a kernel that
     reads the cache in blocks of that many slots never pads it (kernels.slot_block: 128 on
-    TPU; a cache of at most one block is read as one block of its own size)."""
+    TPU; a cache of at most one block is read as one block of its own size). Layers with
+    an attention window (stats["windows"], optional) are not budgeted: they keep their
+    native cache (`PolicyConfig.resolve`), and the budget is the global layers'."""
     n = len(stats["q95"])
     kinds = np.where(
         stats["q95"] <= short,
         "window",
         np.where(stats["long_share"] < long_share, "recent", "gated"),
     )
-    total = int(memory_fraction * context * n)
+    if "windows" in stats:
+        kinds = np.where(stats["windows"] > 0, "native", kinds)
+    total = int(memory_fraction * context * int((kinds != "native").sum()))
     window_slots = 36 * int((kinds == "window").sum())
-    rest = np.flatnonzero(kinds != "window")
+    rest = np.flatnonzero((kinds != "window") & (kinds != "native"))
     spare = total - window_slots - 48 * len(rest)
     if spare < 0:
         raise ValueError(
@@ -103,7 +108,9 @@ def table_from_statistics(
         caps = np.where(caps > block, caps // block * block, caps)
     layers = []
     for i in range(n):
-        if kinds[i] == "window":
+        if kinds[i] == "native":
+            layers.append(FullPolicy())  # resolved to the layer's own window
+        elif kinds[i] == "window":
             layers.append(WindowPolicy(capacity=36, n_sink=4))
         elif kinds[i] == "recent":
             layers.append(RecentPolicy(capacity=int(caps[i])))

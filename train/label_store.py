@@ -269,6 +269,11 @@ class LabelStore:
     def cap(self) -> int:
         return int(self.meta["cap"])
 
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """The labelled model's attention window per layer (ModelConfig.layer_windows)."""
+        return tuple(int(w) for w in self.meta.get("model_config", {}).get("layer_windows", ()))
+
     def tau_index(self, tau: float) -> int:
         """Index of `tau` in the store's taus; raises ValueError naming the available ones."""
         taus = [float(t) for t in self.meta["taus"]]

@@ -25,7 +25,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from pallas_kernels.lifespan import dense_lifespan, lifespan, reference_lifespan
+from smartkv_jax.attention import AttentionRule
 from smartkv_jax.cache import init_cache
+from smartkv_jax.config import ModelConfig
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.errors import SmartKVError
 from smartkv_jax.jsonio import dumps
@@ -45,32 +47,62 @@ def _collect(q_BHCD, k_BKCD, k_pre_BKCD):
 
 
 def lifespans_of_layer(
-    q_BHTD: jax.Array, k_BKTD: jax.Array, tau: float, method: str = "auto"
+    q_BHTD: jax.Array,
+    k_BKTD: jax.Array,
+    tau: float,
+    method: str = "auto",
+    rule: AttentionRule | None = None,
 ) -> jax.Array:
-    """L_BKT int32 for one layer. method: "auto" (Pallas kernel on TPU, blockwise jnp
-    elsewhere), "kernel", "blockwise" or "dense" (builds the T x T matrix; for comparison)."""
+    """L_BKT int32 for one layer whose queries see keys under `rule` (scale and window;
+    None: D ** -0.5, global). method: "auto" (the Pallas kernel on TPU for a global layer,
+    blockwise jnp elsewhere), "kernel", "blockwise" or "dense"
+    (builds the T x T matrix; for comparison)."""
+    d = q_BHTD.shape[-1]
+    rule = rule or AttentionRule(d**-0.5)
     if method == "auto":
-        method = "kernel" if jax.default_backend() == "tpu" else "blockwise"
+        method = "kernel" if jax.default_backend() == "tpu" and not rule.window else "blockwise"
     if method == "kernel":
-        return lifespan(q_BHTD, k_BKTD, tau=tau)
+        if rule.window:
+            raise ValueError("the lifespan kernel has no attention window")
+        return lifespan(q_BHTD, k_BKTD, tau=tau, scale=rule.scale)
+    how = {"tau": tau, "scale": rule.scale, "window": rule.window}
     if method == "blockwise":
-        return reference_lifespan(q_BHTD, k_BKTD, tau=tau)
+        return reference_lifespan(q_BHTD, k_BKTD, **how)
     if method == "dense":
-        return dense_lifespan(q_BHTD, k_BKTD, tau=tau)
+        return dense_lifespan(q_BHTD, k_BKTD, **how)
     raise ValueError(f"unknown lifespan method {method!r}")
 
 
-@partial(jax.jit, static_argnums=(2, 3, 4))
+@partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def all_layer_lifespans(
-    q_LBHTD: jax.Array, k_LBKTD: jax.Array, taus: tuple[float, ...], cap: int, method: str
+    q_LBHTD: jax.Array,
+    k_LBKTD: jax.Array,
+    taus: tuple[float, ...],
+    cap: int,
+    method: str,
+    rules: tuple[AttentionRule, ...] | None = None,
 ) -> jax.Array:
-    """Lifespans of every layer's keys at each tau, clipped at cap: [L, n_tau, B, K, T]."""
+    """Lifespans of every layer's keys at each tau, clipped at cap: [L, n_tau, B, K, T].
+    rules[i]: how layer i's queries see keys (None: all global at D ** -0.5); layers sharing
+    a rule run under one map."""
+    rules = rules or (AttentionRule(q_LBHTD.shape[-1] ** -0.5),) * q_LBHTD.shape[0]
+    out = [None] * len(rules)
+    for rule in dict.fromkeys(rules):
+        idx = [i for i, r in enumerate(rules) if r == rule]
 
-    def one(qk):
-        q, k = qk
-        return jnp.stack([lifespans_of_layer(q, k, t, method) for t in taus])  # [n_tau, B, K, T]
+        def one(qk, rule=rule):
+            q, k = qk
+            return jnp.stack([lifespans_of_layer(q, k, t, method, rule) for t in taus])
 
-    return jnp.minimum(jax.lax.map(one, (q_LBHTD, k_LBKTD)), cap)  # [L, n_tau, B, K, T]
+        life = jax.lax.map(one, (q_LBHTD[jnp.array(idx)], k_LBKTD[jnp.array(idx)]))
+        for n, i in enumerate(idx):
+            out[i] = life[n]
+    return jnp.minimum(jnp.stack(out), cap)  # [L, n_tau, B, K, T]
+
+
+def layer_rules(cfg: ModelConfig) -> tuple[AttentionRule, ...]:
+    """How each layer's queries see keys, as the model runs them."""
+    return tuple(AttentionRule(cfg.scale, cfg.window(i)) for i in range(cfg.num_layers))
 
 
 def censored(window: int, cap: int) -> np.ndarray:
@@ -96,7 +128,7 @@ def window_labels(
     t = len(tokens_T)
     if t % chunk:
         chunk = t
-    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t)
+    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t, model.cfg.layer_windows)
     cache = init_cache(model.cfg, policy, 1, model.dtype)
     graph, state = split_model(model, cache)
     toks = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
@@ -107,7 +139,8 @@ def window_labels(
         cache = out.cache
         parts.append(out.probes)
     q, k, k_pre = (jnp.concatenate(x, axis=3) for x in zip(*parts))  # [L, 1, heads, T, D]
-    life = all_layer_lifespans(q, k, tuple(float(x) for x in taus), cap, method)
+    taus = tuple(float(x) for x in taus)
+    life = all_layer_lifespans(q, k, taus, cap, method, layer_rules(model.cfg))
     pos = np.arange(t, dtype=np.int32)
     return {
         "key": np.asarray(k_pre[:, 0].transpose(2, 0, 1, 3), np.float32),
