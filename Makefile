@@ -29,6 +29,9 @@ SMARTKV := .venv/bin/smartkv
 DEMO := results/demo$(if $(filter-out smollm2,$(MODEL)),-$(MODEL))
 BOOKS := $(abspath ../shared/data/gutenberg)
 NEEDLE_CONTEXTS := $(if $(filter gemma3-270m,$(MODEL)),2048 8192,1024 2048)
+# the packaged Gemma 3 270M is the base model (no chat template): it continues a text
+CHAT := $(if $(filter gemma3-270m,$(MODEL)),,--chat)
+PROMPT := $(if $(filter gemma3-270m,$(MODEL)),"A KV cache stores","Name three uses of a KV cache.")
 
 demo: $(VENV_STAMP)
 	$(SMARTKV) labels --model $(MODEL) --books pg1342 pg1661 pg236 pg5200 --windows-per-doc 1 \
@@ -49,8 +52,8 @@ demo: $(VENV_STAMP)
 	$(SMARTKV) calibrate --labels $(DEMO)/labels_train --context 1024 --budget 0.25 \
 		--out $(DEMO)/hybrid-calibrated.json
 	$(SMARTKV) generate --model $(MODEL) --policy $(DEMO)/hybrid-calibrated.json \
-		--gates $(DEMO)/gates_tau0.05 --max-new-tokens 64 --greedy --chat \
-		--prompt "Name three uses of a KV cache."
+		--gates $(DEMO)/gates_tau0.05 --max-new-tokens 64 --greedy $(CHAT) \
+		--prompt $(PROMPT)
 
 # the style check runs first, so `make test` (and CI) fail on lint too
 test: lint

@@ -22,6 +22,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_policy_name(args.policy, args.calibrated)
     m = load_model(args.model, DTYPES[args.dtype])
     prompts = args.prompt
+    if args.chat and not getattr(m.tokenizer, "chat_template", None):
+        raise SmartKVError(f"--chat: model {args.model} has no chat template; drop --chat")
     if args.chat:
         prompts = [
             m.tokenizer.apply_chat_template(

@@ -29,6 +29,7 @@ from .checkpoint_files import (
     safetensors_files,
 )
 from .config import ModelConfig, read_model_config
+from .gguf_metadata import gguf_config_and_tokenizer, transformers_load
 from .model import Transformer
 from .packaged_models import PACKAGED_MODELS, packaged_model_path
 
@@ -206,30 +207,12 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return split.swapaxes(1, 2).reshape(w.shape)
 
 
-def _transformers_load(load: Callable[[], object], where: str | Path, what: str):
-    """`load()` (an AutoConfig / AutoTokenizer call); its errors as CheckpointError naming
-    `where` and `what` it was reading."""
-    try:
-        return load()
-    except ImportError:
-        raise
-    except Exception as err:  # transformers raises assorted errors on files it rejects
-        raise CheckpointError(
-            f"{where}: transformers cannot read {what}: {type(err).__name__}: {err}"
-        ) from err
-
-
 def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """Load a GGUF file (any quantization the gguf package can dequantize)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     path = Path(path)
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
-    folder, name = str(path.parent), path.name
-    hf_config = _transformers_load(
-        lambda: AutoConfig.from_pretrained(folder, gguf_file=name), path, "its model config"
-    )
+    hf_config, tokenizer = gguf_config_and_tokenizer(path)
     try:
         cfg = ModelConfig.from_hf(hf_config)
     except (ValueError, TypeError, AttributeError) as err:
@@ -247,9 +230,6 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loaded
 
     tensors = gguf_tensors(reader, path)
     model = assemble_model(cfg, tensors, gguf=True, dtype=dtype, fixup=fix, where=str(path))
-    tokenizer = _transformers_load(
-        lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), path, "its tokenizer"
-    )
     return LoadedModel(model, tokenizer, str(path))
 
 
@@ -273,7 +253,7 @@ def _hf_tokenizer(path: Path):
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
-    return _transformers_load(
+    return transformers_load(
         lambda: AutoTokenizer.from_pretrained(str(path)), path, "its tokenizer"
     )
 
@@ -291,7 +271,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
     path = model_path(name)
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return gguf_config_and_tokenizer(path)[1]
     return AutoTokenizer.from_pretrained(str(path))
 
 
