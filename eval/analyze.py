@@ -102,6 +102,7 @@ def analyze(
         "labels": str(labels),
         "sources": store.meta.get("sources"),
         "model": store.meta.get("model"),
+        "layer_windows": list(store.layer_windows),
         **{k: per_tau[f"{main_tau:g}"][k] for k in ("tau", "r2", "median_r2", "layer0_r2")},
         "per_tau": per_tau,
     }
@@ -135,7 +136,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {d['tau']:g} | {d['median_r2']:.3f} | {d['median_r2_no_sinks']:.3f} | "
             f"{' / '.join(f'{x:.2f}' for x in d['layer0_r2'])} |"
         )
-    head = ["layer"]
+    windows = result.get("layer_windows") or []
+    head = ["layer", "attention"] if windows else ["layer"]
     for d in taus:
         head += [
             f"R² heads (tau {d['tau']:g})",
@@ -147,6 +149,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for layer in range(len(taus[0]["r2"])):
         cells = [str(layer)]
+        if windows:
+            cells.append(f"sliding {windows[layer]}" if windows[layer] else "global")
         for d in taus:
             cells += [
                 " / ".join(f"{x:.2f}" for x in d["r2"][layer]),

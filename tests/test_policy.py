@@ -294,3 +294,25 @@ def test_calibration_rule_classes_and_budget():
     assert [c - b for c, b in zip([p.capacity for p in plain.layers], bcaps)] == [
         c % 128 if i else 0 for i, c in enumerate(p.capacity for p in plain.layers)
     ]
+
+
+def test_calibration_budgets_only_the_global_layers_of_a_windowed_model():
+    """Windowed layers keep their native cache; the budget is the global layers' share."""
+    from train.calibrate import table_from_statistics
+
+    windows = (16, 0, 16, 0)
+    stats = {
+        "q95": np.array([8.0, 300.0, 400.0, 500.0]),
+        "long_share": np.array([0.0, 0.3, 0.4, 0.5]),
+        "live": np.array([5.0, 100.0, 100.0, 100.0]),
+        "windows": np.array(windows),
+    }
+    table = table_from_statistics(stats, 1024, 0.25, spread=0.0)
+    assert [p.kind for p in table.layers] == ["full", "gated", "full", "gated"]
+    assert table.layers[1].capacity + table.layers[3].capacity == pytest.approx(512, abs=2)
+    run = table.resolve(1024, windows)
+    assert [p.capacity for p in run.layers] == [16, 256, 16, 256]
+    assert [p.window for p in run.layers] == [16, 0, 16, 0]
+    assert run.memory_fraction(1024, windows) == pytest.approx((16 + 256) * 2 / (16 + 1024) / 2)
+    with pytest.raises(ValueError, match="resolve the policy"):
+        init_cache(tiny_config(num_layers=4, layer_windows=windows), table.resolve(1024), 1)
