@@ -1,6 +1,6 @@
 """Reading checkpoint files tensor by tensor, each checked before any weight is read:
-safetensors (memory-mapped, in the file's own dtype; single files or shards with an index)
-and GGUF (dequantized one tensor at a time with the gguf package)."""
+safetensors (in the file's own dtype; single files or shards with an index)
+and GGUF (header read by gguf_file; each tensor dequantized with the gguf package)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import UnsupportedArchitectureError
 from .errors import InputFileError
+from .gguf_file import GGUFFile, GGUFFormatError, read_gguf
 from .input_files import read_json_file, require_object
 
 
@@ -30,12 +31,10 @@ GGUF_SHAPE_FIELDS = (
 )
 
 
-def open_gguf(path: Path):
-    """A gguf.GGUFReader over `path`, after checks whose errors name the file and what is
-    wrong: FileNotFoundError if it is missing, CheckpointError if it is a directory, empty,
-    not a GGUF file, damaged, truncated or without tensors."""
-    import gguf
-
+def open_gguf(path: Path) -> GGUFFile:
+    """The header of the GGUF file at `path`, after checks whose errors name the file and
+    what is wrong: FileNotFoundError if it is missing, CheckpointError if it is a directory,
+    empty, not a GGUF file, damaged, truncated or without tensors."""
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a GGUF file")
     if not path.is_file():
@@ -50,34 +49,32 @@ def open_gguf(path: Path):
             f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}"
         )
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises assorted errors on a damaged file
+        header = read_gguf(path)
+    except GGUFFormatError as err:
         raise CheckpointError(
-            f"{path} is not a readable GGUF file ({size} bytes; truncated or damaged): "
-            f"{type(err).__name__}: {err}"
+            f"{path} is not a readable GGUF file ({size} bytes; truncated or damaged): {err}"
         ) from err
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    end = max((t.offset + t.n_bytes for t in header.tensors), default=0)
     if end > size:
         raise CheckpointError(
             f"GGUF file {path} is truncated: its tensors end at byte {end}, the file has {size}"
         )
-    if not reader.tensors:
+    if not header.tensors:
         raise CheckpointError(f"GGUF file {path} holds no tensors")
-    return reader
+    return header
 
 
-def gguf_architecture(reader, path: Path) -> str:
-    field = reader.fields.get("general.architecture")
-    if field is None:
+def gguf_architecture(header: GGUFFile) -> str:
+    path, arch = header.path, header.fields.get("general.architecture")
+    if arch is None:
         raise CheckpointError(f"GGUF file {path} has no general.architecture field")
-    arch = field.contents()
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"GGUF file {path}: architecture {arch!r} is not supported; supported: "
             f"{', '.join(GGUF_ARCHITECTURES)}"
         )
     needed = [f"{arch}.{key}" for key in GGUF_SHAPE_FIELDS]
-    missing = [key for key in needed if key not in reader.fields]
+    missing = [key for key in needed if key not in header.fields]
     if missing:  # transformers would fill them with its defaults (a 7B shape)
         raise CheckpointError(
             f"GGUF file {path} has no {', '.join(missing)} (a {arch} model needs "
@@ -86,25 +83,27 @@ def gguf_architecture(reader, path: Path) -> str:
     return arch
 
 
-def gguf_tensors(reader, path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, dequantized float array [out, in]) of every tensor of a GGUF file."""
+def gguf_tensors(header: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, dequantized float32 array [out, in]) of every tensor of a GGUF file, each
+    read from the file into its own buffer when it is reached."""
     import gguf
 
-    for t in reader.tensors:
-        kind = t.tensor_type.name
-        if kind in ("I8", "I16", "I32", "I64"):
-            raise CheckpointError(
-                f"GGUF file {path}: tensor {t.name!r} holds integers ({kind}); weights must be "
-                "floating point or quantized"
-            )
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        try:
-            array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        except Exception as err:  # an unsupported quantization or a damaged block
-            raise CheckpointError(
-                f"GGUF file {path}: cannot dequantize tensor {t.name!r} ({kind}): {err}"
-            ) from err
-        yield t.name, array
+    with header.path.open("rb") as f:
+        for t in header.tensors:
+            kind = gguf.GGMLQuantizationType(t.ggml_type).name
+            if kind in ("I8", "I16", "I32", "I64"):
+                raise CheckpointError(
+                    f"GGUF file {header.path}: tensor {t.name!r} holds integers ({kind}); "
+                    "weights must be floating point or quantized"
+                )
+            try:
+                raw = header.raw(t, f)
+                array = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.ggml_type))
+            except Exception as err:  # an unsupported quantization or a damaged block
+                raise CheckpointError(
+                    f"GGUF file {header.path}: cannot dequantize tensor {t.name!r} ({kind}): {err}"
+                ) from err
+            yield t.name, array.reshape(t.shape)
 
 
 SAFETENSORS_DTYPES = {"F16": "<f2", "BF16": "bfloat16", "F32": "<f4", "F64": "<f8"}

@@ -210,8 +210,8 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """Load a GGUF file (any quantization the gguf package can dequantize)."""
     path = Path(path)
-    reader = open_gguf(path)
-    arch = gguf_architecture(reader, path)
+    header = open_gguf(path)
+    arch = gguf_architecture(header)
     hf_config, tokenizer = gguf_config_and_tokenizer(path)
     try:
         cfg = ModelConfig.from_hf(hf_config)
@@ -228,7 +228,7 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loaded
             return w - 1.0  # llama.cpp stores Gemma's norms as 1 + w
         return w
 
-    tensors = gguf_tensors(reader, path)
+    tensors = gguf_tensors(header)
     model = assemble_model(cfg, tensors, gguf=True, dtype=dtype, fixup=fix, where=str(path))
     return LoadedModel(model, tokenizer, str(path))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .convert import load_model, model_path
+from .gguf_metadata import gguf_config_and_tokenizer
 
 
 def torch_model(name: str):
@@ -21,8 +22,9 @@ def torch_model(name: str):
 
     path = model_path(name)
     if path.suffix == ".gguf":  # transformers dequantizes GGUF weights to float32 itself
+        config = gguf_config_and_tokenizer(path)[0]  # its own parse, kept in our cache
         return AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
+            str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32
         ).eval()
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from smartkv_jax.checkpoint_files import safetensors_arrays
+from smartkv_jax.checkpoint_files import gguf_tensors, open_gguf, safetensors_arrays
 from smartkv_jax.convert import load_hf_dir
 
 from .conftest import tiny_hf_config
@@ -57,6 +57,40 @@ def test_safetensors_read_in_their_own_dtype(tmp_path, dtype):
     got = dict(safetensors_arrays(tmp_path / "x.safetensors"))
     assert got["a"].dtype == np.dtype(dtype) and got["b"].shape == (1, 4)
     np.testing.assert_array_equal(got["a"], a)
+
+
+def test_gguf_header_and_tensors_match_the_gguf_package(tmp_path):
+    """Our header reader against gguf.GGUFReader: fields (a string array stepped over),
+    tensor table and dequantized values of float and Q8_0 tensors."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    w32, w8 = rng.normal(size=(3, 64)).astype(np.float32), rng.normal(size=(5, 64))
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(7)
+    writer.add_token_list(["<s>", "a", "ab" * 40])
+    writer.add_array("test.floats", [0.5, 1.5])
+    writer.add_tensor("f.weight", w32)
+    q8 = gguf.quants.quantize(w8.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    header, ref = open_gguf(path), gguf.GGUFReader(str(path))
+    assert header.fields["llama.block_count"] == 7
+    assert header.fields["general.architecture"] == "llama"
+    assert header.fields["test.floats"].tolist() == [0.5, 1.5]
+    assert "tokenizer.ggml.tokens" not in header.fields  # string arrays are stepped over
+    assert [(t.name, t.offset) for t in header.tensors] == [
+        (t.name, int(t.data_offset)) for t in ref.tensors
+    ]
+    got = dict(gguf_tensors(header))
+    np.testing.assert_array_equal(got["f.weight"], w32)
+    want8 = gguf.quants.dequantize(ref.tensors[1].data, ref.tensors[1].tensor_type)
+    np.testing.assert_array_equal(got["q.weight"], want8.reshape(5, 64))
+    assert np.abs(got["q.weight"] - w8).max() < 0.05  # Q8_0 keeps ~2 digits
 
 
 def test_sharded_bf16_checkpoint_loads_its_exact_weights(tmp_path):
