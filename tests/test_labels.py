@@ -113,10 +113,9 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
             tmp_path / out,
             model_name="tiny",
             source=tmp_path / "books",
-            window=64,
             cap=16,
             chunk=32,
-            **kw,
+            **{"window": 64, **kw},
         )
 
     meta = label("store", books=["a"], windows_per_doc=2)
@@ -135,8 +134,16 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
     np.testing.assert_array_equal(joined.lifespan_NTLK, store.lifespan_NTLK)
     np.testing.assert_array_equal(joined.pos_N, store.pos_N)
     assert joined.meta["n_windows"] == 2 and joined.name == f"{parts[0]} + {parts[1]}"
-    with pytest.raises(ValueError, match="window 1 of a.txt is in both"):
+    with pytest.raises(ValueError, match="tokens 64..127 of a.txt in .*w1 overlap tokens 64"):
         open_store([tmp_path / "store", parts[1]])
+    # a store of longer windows joins when its tokens are others: 128..255 beside 0..63
+    label("long", books=["a"], windows_per_doc=1, first_window=1, window=128)
+    mixed = open_store([parts[0], tmp_path / "long"])
+    assert mixed.num_rows == 64 + 128 and mixed.meta["window"] == [64, 128]
+    assert mixed.censored_N.sum() == 2 * 16  # each window censors its own last keys
+    label("long0", books=["a"], windows_per_doc=1, window=128)  # tokens 0..127
+    with pytest.raises(ValueError, match="tokens 0..127 of a.txt in .*long0 overlap tokens 64"):
+        open_store([parts[1], tmp_path / "long0"])
     with pytest.raises(ValueError, match="no window of 64 from window 9"):
         label("late", books=["a"], first_window=9)
     with pytest.raises(FileNotFoundError, match="books not found"):

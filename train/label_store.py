@@ -50,7 +50,8 @@ REQUIRED_METADATA = ("model", "taus", "cap", "num_layers", "num_kv_heads", "head
 REQUIRED_COLUMNS = ("key", "lifespan", "censored", "pos")
 METADATA = "metadata.json"
 # metadata that stores must share to be joined into one
-_JOIN_FIELDS = ("model", "taus", "cap", "window", "num_layers", "num_kv_heads", "head_dim")
+# stores of different window lengths join (each row keeps its own censoring), the rest must match
+_JOIN_FIELDS = ("model", "taus", "cap", "num_layers", "num_kv_heads", "head_dim")
 _SIZES = ("cap", "num_layers", "num_kv_heads", "head_dim")
 
 
@@ -450,9 +451,30 @@ def _labelled_windows(store: LabelStore) -> set[tuple[str, int]]:
     return set(pairs)
 
 
+def _token_spans(store: LabelStore) -> list[tuple[str, int, int]]:
+    """(doc, first token, end token) of each window of a single store: window w of length T
+    holds the book's tokens [w*T, (w+1)*T)."""
+    t = int(store.meta["window"])
+    return [(doc, w * t, (w + 1) * t) for doc, w in sorted(_labelled_windows(store))]
+
+
+def _check_disjoint(stores: list[LabelStore]) -> None:
+    """SmartKVError if two windows of different stores hold any of the same tokens."""
+    seen: dict[str, list[tuple[int, int, str]]] = {}
+    for s in stores:
+        for doc, begin, end in _token_spans(s):
+            for b, e, name in seen.get(doc, []):
+                if begin < e and b < end:
+                    raise SmartKVError(
+                        f"cannot join label stores: tokens {begin}..{end - 1} of {doc} in "
+                        f"{s.name} overlap tokens {b}..{e - 1} in {name}"
+                    )
+        for doc, begin, end in _token_spans(s):
+            seen.setdefault(doc, []).append((begin, end, s.name))
+
+
 def _join_stores(stores: list[LabelStore]) -> LabelStore:
     first = stores[0]
-    seen: dict[tuple[str, int], str] = {}
     for s in stores:
         for field in _JOIN_FIELDS:
             if s.meta.get(field) != first.meta.get(field):
@@ -460,16 +482,12 @@ def _join_stores(stores: list[LabelStore]) -> LabelStore:
                     f"cannot join label stores {first.name} and {s.name}: {field} differs "
                     f"({first.meta.get(field)!r} vs {s.meta.get(field)!r})"
                 )
-        for doc, w in sorted(_labelled_windows(s)):
-            if (doc, w) in seen:
-                raise SmartKVError(
-                    f"cannot join label stores: window {w} of {doc} is in both {seen[doc, w]} "
-                    f"and {s.name}"
-                )
-            seen[doc, w] = s.name
+    _check_disjoint(stores)
     meta = dict(first.meta)
     meta["sources"] = sorted({d for s in stores for d in s.meta.get("sources", [])})
     meta["n_windows"] = sum(int(s.meta.get("n_windows", 0)) for s in stores)
+    windows = sorted({int(s.meta["window"]) for s in stores})
+    meta["window"] = windows[0] if len(windows) == 1 else windows  # tokens per window
     return LabelStore(
         paths=tuple(p for s in stores for p in s.paths),
         meta=meta,
