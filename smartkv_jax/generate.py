@@ -135,14 +135,16 @@ def prefill(
     chunk: int,
     aux: dict[str, Any] | None = None,
     probe: Probe | None = None,
+    start_B: np.ndarray | None = None,
 ) -> tuple[jax.Array, KVCache, list[Any]]:
     """Feed the prompts chunk by chunk. segments[s][b] is row b's part s: each segment
     starts a fresh chunk (say a long context, compressed to the budget before a question is
-    read), positions run on across segments. Returns the logits after each row's last token
-    [B, V], the cache and the probe's outputs per chunk (empty without a probe)."""
+    read), positions run on across segments from start_B (default 0). Returns the logits
+    after each row's last token [B, V], the cache and the probe's outputs per chunk (empty
+    without a probe)."""
     graph, state = split_model(model, cache)
     rows = len(segments[0])
-    start = np.zeros(rows, np.int64)
+    start = np.zeros(rows, np.int64) if start_B is None else np.asarray(start_B, np.int64)
     logits, probes = None, []
     for segment in segments:
         tokens, pos, lengths = _segment_arrays(segment, start, chunk)
@@ -221,25 +223,56 @@ def generate(
     than the model's context.
     """
     longest = _check_request(model, prompts, context, max_new_tokens, chunk)
-    aux = {"gates": gates, **(aux or {})}
     chunk = min(chunk, _pow2_at_least(longest))
-    n_out = _pow2_at_least(max_new_tokens)
-    max_len = _round_up(_round_up(longest, chunk) + n_out, 256)
+    max_len = _round_up(_round_up(longest, chunk) + _pow2_at_least(max_new_tokens), 256)
     policy = (policy or PolicyConfig.uniform(model.cfg.num_layers)).resolve(
         max_len, model.cfg.layer_windows
     )
+    cache = init_cache(model.cfg, policy, len(prompts), model.dtype)
+    segments = [prompts] if context is None else [context, prompts]
+    how = {"sampling": sampling, "stop_tokens": stop_tokens, "chunk": chunk, "seed": seed}
+    return continue_generation(
+        model,
+        cache,
+        policy,
+        segments,
+        np.zeros(len(prompts), np.int64),
+        max_new_tokens,
+        aux={"gates": gates, **(aux or {})},
+        probe=probe,
+        **how,
+    )
+
+
+def continue_generation(
+    model: Transformer,
+    cache: KVCache,
+    policy: PolicyConfig,
+    segments: Sequence[Sequence[Sequence[int]]],
+    start_B: np.ndarray,
+    max_new_tokens: int,
+    *,
+    aux: dict[str, Any] | None = None,
+    sampling: SamplingConfig = GREEDY,
+    stop_tokens: Sequence[int] | None = None,
+    chunk: int = 256,
+    seed: int = 0,
+    probe: Probe | None = None,
+) -> GenerationResult:
+    """`generate` from a cache that already holds each row's first `start_B` positions (say
+    a context compressed once): `segments` (as `prefill`'s) are read from there on, then up
+    to `max_new_tokens` are decoded. `policy` must be resolved for the cache."""
     cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
-    cache = init_cache(cfg, policy, len(prompts), model.dtype)
-    segments = [prompts] if context is None else [context, prompts]
-
+    n_out = _pow2_at_least(max_new_tokens)
     t0 = time.perf_counter()
-    logits, cache, probes = prefill(model, policy, segments, cache, chunk, aux, probe)
+    logits, cache, probes = prefill(model, policy, segments, cache, chunk, aux, probe, start_B)
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
     first = sample(logits, sub, sampling)
     first.block_until_ready()
     t1 = time.perf_counter()
-    ends = [len(p) + (len(context[i]) if context else 0) for i, p in enumerate(prompts)]
+    ends = np.asarray(start_B) + sum(np.array([len(p) for p in seg]) for seg in segments)
+    rows = len(segments[0])
     state = DecodeState(
         step=jnp.int32(0),
         token=first,
@@ -247,7 +280,7 @@ def generate(
         cache=cache,
         key=key,
         done=jnp.isin(first, jnp.asarray(stops or (-1,), jnp.int32)),
-        out=jnp.zeros((len(prompts), n_out), jnp.int32).at[:, 0].set(first),
+        out=jnp.zeros((rows, n_out), jnp.int32).at[:, 0].set(first),
     )
     graph, params = split_model(model, cache)
     args = (graph, params, policy, sampling, stops)

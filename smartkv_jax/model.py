@@ -37,6 +37,7 @@ from .cache import KVCache, LayerCache
 from .config import ModelConfig, RopeScaling
 from .policy import CachePolicy, ChunkView
 from .policy_table import PolicyConfig
+from .rope import rotate
 
 Probe = Callable[[jax.Array, jax.Array, jax.Array], Any]
 
@@ -104,13 +105,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Arra
 
 def apply_rope(x_BNCD: jax.Array, pos_BC: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotate-half RoPE (the transformers convention) at per-token positions."""
-    ang = jnp.maximum(pos_BC, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, C, D/2]
-    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, None]
-    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, None]
-    xf = x_BNCD.astype(jnp.float32)
-    half = xf.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
-    return (xf * cos + rot * sin).astype(x_BNCD.dtype)
+    ang = jnp.maximum(pos_BC, 0).astype(jnp.float32)[:, None, :, None] * inv_freq  # [B,1,C,D/2]
+    return rotate(x_BNCD, jnp.cos(ang), jnp.sin(ang)).astype(x_BNCD.dtype)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
@@ -231,7 +227,7 @@ class LayerStack(nnx.Module):
         out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1) @ self.wo[...]
         x = x_BCE + (self._norm(out, "post_attn_norm") if cfg.sandwich_norms else out)
         x = x + self._mlp(x)
-        view = ChunkView(lc, visible, q, k, k_pre, pos_BC, t_B, lse, aux, rule)
+        view = ChunkView(lc, visible, q, k, k_pre, pos_BC, t_B, lse, aux, rule, v)
         update = _evict(policy, view, v)
         return x, update, None if probe is None else probe(q, k, k_pre)
 

@@ -30,6 +30,16 @@ import jax.numpy as jnp
 
 from .attention import AttentionRule, attention_mass
 from .cache import LayerCache
+from .context_scores import (
+    ContextView,
+    expected_attention,
+    expected_attention_scores,
+    head_adaptive_keep,
+    keydiff_scores,
+    max_pool_slots,
+    per_head_keep,
+    query_statistics,
+)
 from .gates import apply_layer
 
 _SINK_RANK = 2.0e7  # + pos: sinks outrank everything
@@ -46,7 +56,7 @@ class ChunkView:
     saw them. q_BHCD, k_BKCD: queries and keys after RoPE; k_pre_BKCD: keys before RoPE.
     pos_BC: positions (-1 = padding); t_B: newest position per row. lse_BHC: log-sum-exp of
     the chunk's attention logits over cache + chunk. aux: this layer's side input (`needs`).
-    rule: how the layer's queries see keys (scale, window).
+    rule: how the layer's queries see keys (scale, window). v_BKCD: the chunk's values.
     """
 
     cache: LayerCache
@@ -59,6 +69,7 @@ class ChunkView:
     lse_BHC: jax.Array
     aux: Any = None
     rule: AttentionRule | None = None
+    v_BKCD: jax.Array | None = None
 
     @property
     def pos_BKC(self) -> jax.Array:
@@ -98,6 +109,16 @@ class CachePolicy:
     def chunk_scores(self, view: ChunkView) -> tuple[jax.Array, jax.Array]:
         """(slot scores [B, K, S] after the chunk, new tokens' scores [B, K, C])."""
         return view.cache.score, self.initial_scores(view)
+
+    def context_scores(self, view: ContextView) -> jax.Array:
+        """Slot scores [B, K, S] when a whole prefilled context is compressed at once (the
+        oneshot protocol); default: the slot's position, as `initial_scores`."""
+        return view.cache.pos.astype(jnp.float32)
+
+    def context_keep(self, rank_BKS: jax.Array) -> jax.Array:
+        """Which slots a oneshot compression keeps [B, K, S] (default: each head's
+        `capacity` best ranked)."""
+        return per_head_keep(rank_BKS, self.capacity or rank_BKS.shape[-1])
 
     def base_ranks(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
         """Rank of occupied slots; `ranks` adds the empty-slot rule."""
@@ -200,6 +221,9 @@ class KNormPolicy(ProtectedPolicy):
     def initial_scores(self, view):
         return -jnp.linalg.norm(view.k_pre_BKCD.astype(jnp.float32), axis=-1)
 
+    def context_scores(self, view):
+        return -jnp.linalg.norm(view.k_pre_BKSD.astype(jnp.float32), axis=-1)
+
 
 @dataclasses.dataclass(frozen=True)
 class RandomPolicy(ProtectedPolicy):
@@ -208,10 +232,16 @@ class RandomPolicy(ProtectedPolicy):
     kind: ClassVar[str] = "random"
 
     def initial_scores(self, view):
-        kh = view.k_pre_BKCD.shape[1]
-        heads = jnp.arange(kh, dtype=jnp.uint32)[None, :, None]
-        seed = view.pos_BC.astype(jnp.uint32)[:, None, :] * jnp.uint32(2654435761) + heads * 97
-        return _hash_uniform(seed)
+        return _position_hash(view.pos_BKC)
+
+    def context_scores(self, view):
+        return _position_hash(view.cache.pos)
+
+
+def _position_hash(pos_BKN: jax.Array) -> jax.Array:
+    """A deterministic uniform [0, 1) per (position, KV head)."""
+    heads = jnp.arange(pos_BKN.shape[1], dtype=jnp.uint32)[None, :, None]
+    return _hash_uniform(pos_BKN.astype(jnp.uint32) * jnp.uint32(2654435761) + heads * 97)
 
 
 def _hash_uniform(x: jax.Array) -> jax.Array:
@@ -282,6 +312,10 @@ class GatedPolicy(LifespanPolicy):
     def initial_scores(self, view):
         return apply_layer(view.aux, view.k_pre_BKCD, view.pos_BC).astype(jnp.float32)
 
+    def context_scores(self, view):
+        pos_BS = jnp.max(view.cache.pos, axis=1)  # slot s holds position s in every head
+        return apply_layer(view.aux, view.k_pre_BKSD, pos_BS).astype(jnp.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class OraclePolicy(LifespanPolicy):
@@ -292,11 +326,17 @@ class OraclePolicy(LifespanPolicy):
     needs: ClassVar[str | None] = "oracle"
 
     def initial_scores(self, view):
-        life_BKT = view.aux.astype(jnp.float32)
-        t = life_BKT.shape[-1]
-        pos_BKC = view.pos_BKC
-        got = jnp.take_along_axis(life_BKT, jnp.clip(pos_BKC, 0, t - 1), axis=-1)
-        return jnp.where(pos_BKC < t, got, UNLABELLED_LIFE)
+        return _true_life(view.aux, view.pos_BKC)
+
+    def context_scores(self, view):
+        return _true_life(view.aux, view.cache.pos)
+
+
+def _true_life(life_BKT: jax.Array, pos_BKN: jax.Array) -> jax.Array:
+    """The true log4 lifespan of each position; UNLABELLED_LIFE past the labels."""
+    t = life_BKT.shape[-1]
+    got = jnp.take_along_axis(life_BKT.astype(jnp.float32), jnp.clip(pos_BKN, 0, t - 1), axis=-1)
+    return jnp.where(pos_BKN < t, got, UNLABELLED_LIFE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +371,9 @@ class H2OPolicy(AttentionPolicy):
     def update_scores(self, score_BKS, mass_BKS):
         return score_BKS + mass_BKS
 
+    def context_scores(self, view):
+        return view.cache.score  # the context was prefilled under H2O's scoring
+
 
 @dataclasses.dataclass(frozen=True)
 class TOVAPolicy(AttentionPolicy):
@@ -344,6 +387,9 @@ class TOVAPolicy(AttentionPolicy):
 
     def update_scores(self, score_BKS, mass_BKS):
         return mass_BKS
+
+    def context_scores(self, view):
+        return view.obs_mass_BKWS[:, :, -1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,13 +405,69 @@ class SnapKVPolicy(AttentionPolicy):
         return (pos_BC >= 0) & (pos_BC > t_B[:, None] - self.obs_window)
 
     def new_token_scores(self, mass_BKC):
-        pad = self.pool // 2
-        padded = jnp.pad(mass_BKC, ((0, 0), (0, 0), (pad, pad)), constant_values=-jnp.inf)
-        window = (1, 1, self.pool)
-        return jax.lax.reduce_window(padded, -jnp.inf, jax.lax.max, window, (1, 1, 1), "VALID")
+        return max_pool_slots(mass_BKC, self.pool)
 
     def update_scores(self, score_BKS, mass_BKS):
         return jnp.maximum(score_BKS, mass_BKS)
+
+    def context_scores(self, view):
+        observed = jnp.sum(view.obs_mass_BKWS[:, :, -self.obs_window :], axis=2)
+        return max_pool_slots(observed, self.pool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKVPolicy(SnapKVPolicy):
+    """Ada-KV over SnapKV's scores: in a oneshot compression the layer's budget of
+    K * capacity slots is shared by its KV heads, each keeping at least `alpha` of a head's
+    share. Streaming, each head's cache is its fixed share, so it runs as SnapKV."""
+
+    kind: ClassVar[str] = "adakv"
+    alpha: float = 0.2
+
+    def context_keep(self, rank_BKS):
+        return head_adaptive_keep(rank_BKS, self.capacity or rank_BKS.shape[-1], self.alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDiffPolicy(ProtectedPolicy):
+    """KeyDiff: keeps the keys least similar to their head's mean key direction (after
+    RoPE, as cached), besides sinks and the recent window; every slot is rescored against
+    the new anchor after each chunk."""
+
+    kind: ClassVar[str] = "keydiff"
+
+    def chunk_scores(self, view):
+        k = jnp.concatenate([view.cache.k, view.k_BKCD.astype(view.cache.k.dtype)], axis=2)
+        live = jnp.concatenate([view.cache.pos >= 0, view.pos_BKC >= 0], axis=2)
+        scores = keydiff_scores(k, live)
+        s = view.cache.capacity
+        return scores[..., :s], scores[..., s:]
+
+    def context_scores(self, view):
+        return keydiff_scores(view.cache.k, view.live_BKS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedAttentionPolicy(ProtectedPolicy):
+    """Expected Attention: the attention future queries are expected to pay each key, times
+    its value's norm. Oneshot: the queries of the next `n_future` positions, modelled from
+    the context's. Streaming: after each chunk every slot and new key is rescored with the
+    statistics of the chunk's own queries (after RoPE, as the keys)."""
+
+    kind: ClassVar[str] = "expected"
+    n_future: int = 512
+
+    def chunk_scores(self, view):
+        c = view.cache
+        k = jnp.concatenate([c.k, view.k_BKCD.astype(c.k.dtype)], axis=2)
+        v = jnp.concatenate([c.v, view.v_BKCD.astype(c.v.dtype)], axis=2)
+        live = jnp.concatenate([c.pos >= 0, view.pos_BKC >= 0], axis=2)
+        mu, cov = query_statistics(view.q_BHCD, view.pos_BC >= 0)
+        scores = expected_attention(k, v, live, mu, cov, view.rule.scale)
+        return scores[..., : c.capacity], scores[..., c.capacity :]
+
+    def context_scores(self, view):
+        return expected_attention_scores(view, self.n_future)
 
 
 POLICY_CLASSES: dict[str, type[CachePolicy]] = {
@@ -381,6 +483,9 @@ POLICY_CLASSES: dict[str, type[CachePolicy]] = {
         SnapKVPolicy,
         KNormPolicy,
         RandomPolicy,
+        AdaKVPolicy,
+        KeyDiffPolicy,
+        ExpectedAttentionPolicy,
     )
 }
 POLICY_KINDS = tuple(POLICY_CLASSES)

@@ -1,0 +1,277 @@
+"""The oneshot protocol (as kvpress): a context is prefilled once with the whole cache, then
+compressed to each policy's budget before the question is read, and the question is answered
+by every compressed cache at once, one batch row per (policy, budget).
+
+`prefill_context` runs the context under H2O's scoring with room for all of it (nothing is
+evicted, so the cache equals the full one and each slot's score is the attention every
+context query paid it), keeping the last `obs` queries and the statistics of the queries
+before RoPE. `compress` turns that into one row per policy: each global layer keeps the slots
+its policy ranks best (`CachePolicy.context_scores`, `context_keep`); windowed layers keep
+their native caches. `answer` reads the question from there and decodes greedily.
+
+Shapes: L layers, B rows, K KV heads, H query heads, S slots, W observation queries, D head
+dim, R compressed rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import AttentionRule
+from .cache import KVCache, LayerCache, init_cache
+from .context_scores import ContextView
+from .gates import Gates, layer_params
+from .generate import GenerationResult, continue_generation
+from .model import Transformer
+from .policy import FullPolicy, H2OPolicy
+from .policy_table import PolicyConfig
+from .rope import rotate
+from .step import chunk_step, split_model
+
+DEFAULT_OBS = 64  # observation-window queries kept (SnapKV, TOVA, Ada-KV, PyramidKV)
+N_SINK_STATS = 4  # first positions left out of the query statistics (attention sinks)
+
+
+@dataclasses.dataclass
+class PrefilledContext:
+    """A context of `length` tokens in a cache that holds all of it (batch 1).
+
+    q_obs_LBHWD: the last W context queries after RoPE; q_mean_LBHD, q_cov_LBHDD: the
+    context queries' statistics before RoPE (positions >= N_SINK_STATS)."""
+
+    cache: KVCache
+    policy: PolicyConfig
+    q_obs_LBHWD: jax.Array
+    q_mean_LBHD: jax.Array
+    q_cov_LBHDD: jax.Array
+    length: int
+
+
+def layer_inv_freqs(model: Transformer) -> jax.Array:
+    """RoPE frequencies of every layer [L, D/2]."""
+    return jnp.stack([model.inv_freq(model.cfg.window(i)) for i in range(model.cfg.num_layers)])
+
+
+def unrotate(x_LBNCD: jax.Array, pos_BC: jax.Array, inv_LF: jax.Array) -> jax.Array:
+    """Undo RoPE at positions pos_BC (per layer frequencies inv_LF)."""
+    ang = (
+        jnp.maximum(pos_BC, 0).astype(jnp.float32)[None, :, None, :, None]
+        * inv_LF[:, None, None, None, :]
+    )
+    return rotate(x_LBNCD, jnp.cos(ang), -jnp.sin(ang))
+
+
+@jax.jit
+def _add_query_sums(sums, q_LBHCD, pos_BC, inv_LF):
+    """Running (count [B], sum [L, B, H, D], sum of outer products [L, B, H, D, D]) of the
+    chunk's valid queries before RoPE at positions >= N_SINK_STATS."""
+    n, s1, s2 = sums
+    q = unrotate(q_LBHCD, pos_BC, inv_LF) * (pos_BC >= N_SINK_STATS)[None, :, None, :, None]
+    n = n + jnp.sum(pos_BC >= N_SINK_STATS, axis=1)
+    return n, s1 + jnp.sum(q, axis=3), s2 + jnp.einsum("lbhcd,lbhce->lbhde", q, q)
+
+
+def _probe_queries(q, k, k_pre):
+    return q
+
+
+def prefill_context(
+    model: Transformer, context: Sequence[int], obs: int = DEFAULT_OBS, chunk: int = 512
+) -> PrefilledContext:
+    """Run `context` (token ids) through a cache that holds all of it; the last `obs`
+    tokens form a chunk of their own, whose queries are kept."""
+    cfg, t = model.cfg, len(context)
+    obs = min(obs, t)
+    capacity = -(-t // 256) * 256
+    policy = PolicyConfig.uniform(cfg.num_layers, H2OPolicy(n_sink=0, recent=0))
+    policy = policy.resolve(capacity, cfg.layer_windows)
+    cache = init_cache(cfg, policy, 1, model.dtype)
+    graph, state = split_model(model, cache)
+    inv = layer_inv_freqs(model)
+    h, d = cfg.num_heads, cfg.head_dim
+    sums = (
+        jnp.zeros(1),
+        jnp.zeros((cfg.num_layers, 1, h, d)),
+        jnp.zeros((cfg.num_layers, 1, h, d, d)),
+    )
+    bounds = list(range(0, t - obs, chunk)) + [t - obs]
+    q_last = None
+    for a, b in zip(bounds, bounds[1:] + [t]):
+        width = chunk if b - a < chunk and a < t - obs else b - a
+        tokens = np.zeros((1, width), np.int32)
+        pos = np.full((1, width), -1, np.int32)
+        tokens[0, : b - a], pos[0, : b - a] = context[a:b], np.arange(a, b)
+        out = chunk_step(
+            graph, state, policy, jnp.asarray(tokens), jnp.asarray(pos), cache, probe=_probe_queries
+        )
+        cache, q_last = out.cache, out.probes
+        sums = _add_query_sums(sums, out.probes, jnp.asarray(pos), inv)
+    n, s1, s2 = sums
+    n = jnp.maximum(n, 1.0)[None, :, None, None]
+    mean = s1 / n
+    cov = s2 / n[..., None] - jnp.einsum("lbhd,lbhe->lbhde", mean, mean)
+    return PrefilledContext(cache, policy, q_last, mean, cov, t)
+
+
+def _layer_cache(cache: KVCache, layer: int) -> LayerCache:
+    """One layer's slice of the cache (leaves [B, K, S, ...])."""
+    for (a, b), g in zip(cache.bounds, cache.groups):
+        if a <= layer < b:
+            return jax.tree.map(lambda x, i=layer - a: x[i], g)
+    raise IndexError(layer)
+
+
+def observation_mass(lc: LayerCache, q_BHWD: jax.Array, t: int, rule: AttentionRule):
+    """Attention [B, K, W, S] of the context's last W queries (positions t-W .. t-1) to each
+    slot, summed over the KV group's heads."""
+    b, h, w, d = q_BHWD.shape
+    kh = lc.k.shape[1]
+    qg = q_BHWD.reshape(b, kh, h // kh, w, d)
+    logits = rule.logits(qg, lc.k, "bkgwd,bksd->bkgws")
+    pos_BW = jnp.broadcast_to(jnp.arange(t - w, t, dtype=jnp.int32), (b, w))
+    logits = jnp.where(rule.slot_mask(lc.pos, pos_BW), logits, -jnp.inf)
+    return jnp.sum(jax.nn.softmax(logits, axis=-1), axis=2)
+
+
+def context_view(
+    model: Transformer, ctx: PrefilledContext, layer: int, gates: Gates | None = None
+) -> ContextView:
+    """What layer `layer`'s policy reads to compress the context (see ContextView)."""
+    cfg = model.cfg
+    lc = _layer_cache(ctx.cache, layer)
+    window = cfg.window(layer)
+    rule = AttentionRule(cfg.scale, window)
+    inv = model.inv_freq(window)
+    pos_BS = jnp.max(lc.pos, axis=1)
+    k_pre = unrotate(lc.k[None], pos_BS, inv[None])[0]
+    w = ctx.q_obs_LBHWD.shape[3]
+    return (
+        ContextView(
+            cache=lc,
+            k_pre_BKSD=k_pre,
+            obs_mass_BKWS=observation_mass(lc, ctx.q_obs_LBHWD[layer], ctx.length, rule),
+            q_mean_BHD=ctx.q_mean_LBHD[layer],
+            q_cov_BHDD=ctx.q_cov_LBHDD[layer],
+            inv_freq=inv,
+            t_B=jnp.full((lc.pos.shape[0],), ctx.length - 1, jnp.int32),
+            rule=rule,
+            aux=None if gates is None else layer_params(gates, layer),
+        )
+        if w
+        else None
+    )
+
+
+@partial(jax.jit, static_argnames=("policy", "capacity"))
+def _kept(policy, capacity: int, view: ContextView) -> LayerCache:
+    """The slots `policy` keeps of a context view, packed into `capacity` slots (position
+    order; unused slots empty)."""
+    lc = view.cache
+    rank = policy.ranks(lc.pos, policy.context_scores(view), view.t_B)
+    keep = policy.context_keep(rank)
+    idx = jnp.argsort(~keep, axis=-1, stable=True)[..., :capacity]  # kept slots first
+    took = jnp.take_along_axis(keep, idx, axis=-1)
+    pick = partial(jnp.take_along_axis, indices=idx[..., None], axis=2)
+    pos = jnp.where(took, jnp.take_along_axis(lc.pos, idx, axis=-1), -1)
+    return LayerCache(pick(lc.k), pick(lc.v), pos, jnp.zeros(pos.shape, jnp.float32))
+
+
+@dataclasses.dataclass
+class Compressed:
+    """The context compressed by each of R policies: `cache` (row r: policy r),
+    `policy`: the table the rows are read and decoded under, kept_RL: slots kept per row
+    and layer (summed over KV heads), native_L: slots of the model's own cache per layer
+    (over KV heads) at the context's length."""
+
+    cache: KVCache
+    policy: PolicyConfig
+    kept_RL: np.ndarray
+    native_L: np.ndarray
+
+    def memory_fractions(self) -> np.ndarray:
+        """KV memory of each row over the native cache's, [R]."""
+        return self.kept_RL.sum(1) / self.native_L.sum()
+
+
+def compress(
+    model: Transformer,
+    ctx: PrefilledContext,
+    policies: Sequence[PolicyConfig],
+    room: int,
+    gates: Gates | None = None,
+) -> Compressed:
+    """One row per policy (each resolved at the context's length): its global layers keep
+    what it ranks best, each with `room` free slots for the question and answer."""
+    cfg = model.cfg
+    windows = [cfg.window(i) for i in range(cfg.num_layers)]
+    rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
+    layers, kept, native = [], np.zeros((len(rows), cfg.num_layers), np.int64), []
+    for i, w in enumerate(windows):
+        lc = _layer_cache(ctx.cache, i)
+        if w:  # the model's own window: the native cache, in every row
+            layers.append([lc] * len(rows))
+            kept[:, i] = int(jnp.sum(lc.pos >= 0))
+            native.append(kept[0, i])
+            continue
+        view = context_view(model, ctx, i, gates)
+        caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
+        packed = [_kept(r.layers[i], max(caps) + room, view) for r in rows]
+        kept[:, i] = [int(jnp.sum(p.pos >= 0)) for p in packed]
+        native.append(cfg.num_kv_heads * ctx.length)
+        layers.append(packed)
+    table = _decode_table(ctx.policy, layers)
+    cache = _stack_rows(cfg, table, layers, model.dtype)
+    return Compressed(cache, table, kept, np.asarray(native))
+
+
+def _decode_table(context_policy: PolicyConfig, layers: list[list[LayerCache]]) -> PolicyConfig:
+    """Windowed layers keep their native policy; the others keep everything they hold
+    (their capacity leaves room for the question and answer)."""
+    out = []
+    for p, rows in zip(context_policy.layers, layers):
+        out.append(p if p.window else FullPolicy(capacity=rows[0].capacity))
+    return PolicyConfig(tuple(out), name="oneshot")
+
+
+def _stack_rows(cfg, table: PolicyConfig, layers, dtype) -> KVCache:
+    """A cache of R rows under `table`, layer i of row r from layers[i][r]."""
+    cache = init_cache(cfg, table, len(layers[0]), dtype)
+
+    def rows(i: int) -> LayerCache:  # [R, K, S, ...]
+        return jax.tree.map(lambda *r: jnp.concatenate(r, 0), *layers[i])
+
+    groups = [
+        jax.tree.map(lambda *ls: jnp.stack(ls), *[rows(i) for i in range(a, b)])
+        for a, b in cache.bounds
+    ]
+    return dataclasses.replace(cache, groups=tuple(groups))
+
+
+def answer(
+    model: Transformer,
+    compressed: Compressed,
+    length: int,
+    question: Sequence[int],
+    max_new_tokens: int,
+    stop_tokens: Sequence[int] | None = None,
+) -> GenerationResult:
+    """Read `question` (token ids) after the `length`-token context in every row, then
+    decode up to `max_new_tokens` greedily."""
+    rows = compressed.cache.groups[0].pos.shape[1]
+    start = np.full(rows, length, np.int64)
+    return continue_generation(
+        model,
+        compressed.cache,
+        compressed.policy,
+        [[list(question)] * rows],
+        start,
+        max_new_tokens,
+        stop_tokens=stop_tokens,
+        chunk=max(16, -(-len(question) // 16) * 16),
+    )
