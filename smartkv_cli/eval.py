@@ -1,4 +1,4 @@
-"""`smartkv eval ppl|needle|report`: policy x memory sweeps and their report.
+"""`smartkv eval ppl|needle|report|ruler`: policy x memory sweeps and their report.
 
     smartkv eval ppl    --out runs/eval --policies window hybrid oracle --memory 0.125
     smartkv eval needle --out runs/eval --contexts 1024 2048 --depths 0 50 100
@@ -32,6 +32,7 @@ from eval.sweep_settings import (
 )
 from smartkv_cli.errors import OneLineParser, run_command
 from smartkv_cli.flags import add_field, add_model_flags, field_values
+from smartkv_cli.ruler import add_ruler_cli
 from smartkv_jax.config import ModelConfig
 from smartkv_jax.jsonio import dumps
 
@@ -168,6 +169,7 @@ def add_eval_cli(subparsers) -> argparse.ArgumentParser:
     add_field(r, "--tasks", _SWEEP, "tasks", choices=TASKS)
     r.add_argument("--no-run", action="store_true", help="only render the stored results")
     r.set_defaults(func=cmd_eval)
+    add_ruler_cli(sub, _memory_arg)
     return ev
 
 

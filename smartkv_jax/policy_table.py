@@ -25,6 +25,7 @@ from .policy import (
     FullPolicy,
     GatedPolicy,
     RecentPolicy,
+    SnapKVPolicy,
     WindowPolicy,
     policy_class,
 )
@@ -309,6 +310,24 @@ def budget_effective(
     return any(p.capacity < min(last_start, p.window or last_start) for p in layers)
 
 
+def pyramid_capacities(
+    num_layers: int, context: int, memory_fraction: float, window: int = 32, beta: float = 20.0
+) -> list[int]:
+    """PyramidKV's per-layer slots: falling linearly from the first layer to the last, the
+    last keeping 1/beta of the mean share, their mean the share `memory_fraction * context`;
+    the first at most `context - window` (the rest moved to the last). Uniform where the
+    share is too small for a pyramid (as PyramidKV falls back to SnapKV)."""
+    share = memory_fraction * context
+    low, high = share / beta, 2 * share - share / beta
+    if high > context - window:
+        high = context - window
+        low = 2 * share - high
+    if num_layers < 2 or not context >= high >= low >= window:
+        return [max(8, round(share))] * num_layers
+    step = (high - low) / (num_layers - 1)
+    return [max(8, round(high - i * step)) for i in range(num_layers)]
+
+
 def make_policy(
     name: str, num_layers: int, context: int, memory_fraction: float = 1.0
 ) -> PolicyConfig:
@@ -323,6 +342,9 @@ def make_policy(
         return PolicyConfig.from_file(name, num_layers)
     if name == "hybrid":
         return seed_hybrid(num_layers, context, memory_fraction)
+    if name == "pyramidkv":
+        caps = pyramid_capacities(num_layers, context, memory_fraction)
+        return PolicyConfig(tuple(SnapKVPolicy(capacity=c) for c in caps), name="pyramidkv")
     kind = "gated" if name == "gated-only" else name
     if kind == "full":
         return PolicyConfig.uniform(num_layers)
@@ -330,7 +352,8 @@ def make_policy(
         cls = policy_class(kind)
     except ValueError:
         raise SmartKVError(
-            f"unknown policy {name!r}; use hybrid, gated-only, {', '.join(POLICY_KINDS)} "
+            f"unknown policy {name!r}; use hybrid, gated-only, pyramidkv, "
+            f"{', '.join(POLICY_KINDS)} "
             "or a .json table"
         ) from None
     cap = max(8, int(memory_fraction * context))

@@ -4,6 +4,8 @@ generate --policy` and `eval/bench_decode.py`.
 A name is a base name with optional suffixes, in any order:
 
     full window recent h2o tova snapkv knorm random oracle gated   every layer of that kind
+    adakv keydiff expected                                          (newer baselines, likewise)
+    pyramidkv                                                      SnapKV, pyramid budgets
     gated-only                                                     every layer gated
     hybrid                                                         the seed's per-layer rule
     hybrid-calibrated                                              calibrated from labels (below)
@@ -29,7 +31,8 @@ from smartkv_jax.policy_table import PolicyConfig, check_budget, make_policy
 CALIBRATED = "hybrid-calibrated"
 MASK = ":mask"
 EXPIRY = ":expiry"
-LIBRARY_NAMES = ("gated-only", "hybrid", *POLICY_KINDS)  # what policy_table.make_policy reads
+# what policy_table.make_policy reads
+LIBRARY_NAMES = ("gated-only", "hybrid", "pyramidkv", *POLICY_KINDS)
 
 
 def split_name(name: str) -> tuple[str, frozenset[str]]:

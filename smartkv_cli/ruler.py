@@ -1,0 +1,112 @@
+"""`smartkv eval ruler`: the RULER-style suite under cache policies, in the oneshot or the
+streaming protocol, resumable, with a report (eval/ruler.py, eval/ruler_report.py).
+
+    smartkv eval ruler --out runs/ruler --lengths 4096 --samples 20
+    smartkv eval ruler --out runs/ruler_quick --quick     # 6 tasks, 10 samples, 12.5% and 25%
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from eval.result_store import ResultStore
+from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, split_cell, summarize
+from eval.ruler_report import write_ruler_report
+from eval.ruler_tasks import TASKS
+from smartkv_cli.flags import add_field, add_model_flags, field_values
+from smartkv_jax.jsonio import dumps
+
+_RULER = RulerSettings()
+
+
+def add_ruler_cli(sub, memory_arg) -> None:
+    """Add `ruler` to the `smartkv eval` subcommands."""
+    r = sub.add_parser(
+        "ruler",
+        help="RULER-style suite (niah, variable tracking, word extraction, QA) by policy",
+        description="Synthetic long-context tasks generated offline from a seed; every "
+        "finished sample is stored in --out at once and skipped by a rerun. oneshot: the "
+        "context is prefilled with the full cache, compressed once per policy and budget, then "
+        "the question is read (kvpress's protocol); streaming: each policy evicts while the "
+        "context is read.",
+    )
+    add_model_flags(r)
+    r.add_argument("--out", default="ruler_results", help="results directory (resumable)")
+    add_field(r, "--tasks", _RULER, "tasks", choices=list(TASKS), help="tasks to run")
+    add_field(r, "--lengths", _RULER, "lengths", help="context lengths in tokens")
+    add_field(r, "--samples", _RULER, "samples", help="samples per task and length")
+    add_field(r, "--seed", _RULER, "seed", help="seed of the samples")
+    add_field(r, "--protocol", _RULER, "protocol", choices=["oneshot", "streaming"])
+    add_field(r, "--policies", _RULER, "policies", help="policies (as `smartkv eval`)")
+    add_field(r, "--memory", _RULER, "memory", type=memory_arg, help="memory fractions")
+    add_field(r, "--calibrated", _RULER, "calibrated", help="for hybrid-calibrated")
+    add_field(r, "--fmt", _RULER, "fmt", choices=["auto", "chat", "plain"], help="prompt format")
+    add_field(r, "--essays", _RULER, "essays", help="haystack .txt directory or file")
+    add_field(r, "--books", _RULER, "books", help="books for words and QA passages")
+    add_field(r, "--chunk", _RULER, "chunk", help="prefill chunk (tokens)")
+    r.add_argument("--gates", default=None, help="gate checkpoint (gated and hybrid policies)")
+    r.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"preset: tasks {' '.join(QUICK_TASKS)}, 10 samples, budgets 12.5%% and 25%%",
+    )
+    r.add_argument("--overwrite", action="store_true", help="move results of other settings aside")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=cmd_ruler)
+
+
+def settings_from_args(args: argparse.Namespace) -> RulerSettings:
+    values = field_values(RulerSettings, args)
+    if args.quick:
+        values.update(tasks=QUICK_TASKS, samples=10, memory=(0.125, 0.25))
+    return RulerSettings(**values)
+
+
+def cmd_ruler(args: argparse.Namespace) -> int:
+    from smartkv_cli.eval import load_model
+
+    settings = settings_from_args(args)
+    settings.check()
+    m = load_model(args.model, args.dtype)
+    gates = None
+    if args.gates:
+        from smartkv_jax.gate_checkpoint import load_gates
+
+        gates = load_gates(args.gates)[0]
+    store = ResultStore(args.out, overwrite=args.overwrite)
+    store.check_config("model", args.model)
+    run = RulerRun(store, m.model, m.tokenizer, settings, gates, not args.no_progress)
+    rows = run.run()
+    report = write_ruler_report(store.dir, rows, settings.protocol)
+    out: dict[str, Any] = {"report": str(report), "average": _averages(rows)}
+    out["seconds_per_sample"] = sum(r["seconds"] for r in rows) / max(1, len(rows))
+    out["prefill_s_per_sample"] = sum(r["prefill_s"] for r in rows) / max(1, len(rows))
+    if args.json:
+        print(dumps(out, indent=2))
+    else:
+        for a in out["average"]:
+            print(
+                f"{a['length']:>6} {a['policy']:<20} {a['budget']:>6.3f} "
+                f"memory {a['memory']:.3f}  score {a['score']:.1f}"
+            )
+        print(f"report: {report}; {out['seconds_per_sample']:.1f} s per sample")
+    return 0
+
+
+def _averages(rows) -> list[dict[str, Any]]:
+    s = summarize(rows)
+    out = []
+    for (length, cell), v in s["average"].items():
+        policy, budget = split_cell(cell)
+        out.append(
+            {
+                "length": length,
+                "policy": policy,
+                "budget": budget,
+                "memory": s["memory"][length, cell],
+                "score": v,
+            }
+        )
+    return out
