@@ -1,0 +1,88 @@
+"""The oneshot protocol: a context prefilled once, compressed per policy, answered in one
+batch (smartkv_jax/oneshot.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from smartkv_jax.generate import generate
+from smartkv_jax.model import Transformer
+from smartkv_jax.oneshot import (
+    _layer_cache,
+    answer,
+    compress,
+    context_view,
+    prefill_context,
+)
+from smartkv_jax.policy_table import PolicyConfig, make_policy
+
+from .conftest import tiny_config
+
+CFG = dataclasses.replace(tiny_config(), max_position=2048)
+T, OBS = 300, 16
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Transformer.init_random(CFG, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    context = rng.integers(0, CFG.vocab_size, T).tolist()
+    question = rng.integers(0, CFG.vocab_size, 7).tolist()
+    return model, context, question, prefill_context(model, context, obs=OBS, chunk=64)
+
+
+def test_full_row_answers_as_generate(setup):
+    model, context, question, ctx = setup
+    want = generate(model, [question], 8, context=[context], stop_tokens=()).tokens[0]
+    policies = [
+        PolicyConfig.uniform(CFG.num_layers),
+        make_policy("window", CFG.num_layers, T, 0.25),
+    ]
+    packed = compress(model, ctx, policies, room=32)
+    got = answer(model, packed, T, question, 8, stop_tokens=()).tokens
+    assert got[0] == want
+    np.testing.assert_allclose(packed.memory_fractions(), [1.0, 75 / T])
+
+
+def test_window_keeps_sinks_and_the_newest(setup):
+    model, _, _, ctx = setup
+    packed = compress(model, ctx, [make_policy("window", CFG.num_layers, T, 0.25)], room=8)
+    for layer in range(CFG.num_layers):
+        pos = np.asarray(_layer_cache(packed.cache, layer).pos)[0]  # [K, S]
+        for head in pos:
+            assert sorted(head[head >= 0].tolist()) == [0, 1, 2, 3, *range(T - 71, T)]
+
+
+def test_observation_mass_is_the_last_queries_attention(setup):
+    model, _, _, ctx = setup
+    view = context_view(model, ctx, 1)
+    q = np.asarray(ctx.q_obs_LBHWD[1, 0], np.float64)[:, :OBS]  # [H, W, D]
+    k = np.asarray(view.cache.k[0], np.float64)  # [K, S, D]
+    pos = np.asarray(view.cache.pos[0])
+    g = CFG.num_heads // CFG.num_kv_heads
+    want = np.zeros((CFG.num_kv_heads, OBS, k.shape[1]))
+    for h in range(CFG.num_heads):
+        kv = h // g
+        logit = CFG.scale * q[h] @ k[kv].T
+        ok = (pos[kv][None] >= 0) & (pos[kv][None] <= np.arange(T - OBS, T)[:, None])
+        logit = np.where(ok, logit, -np.inf)
+        p = np.exp(logit - logit.max(1, keepdims=True))
+        want[kv] += p / p.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(view.obs_mass_BKWS[0]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["h2o", "tova", "snapkv", "adakv", "keydiff", "expected", "knorm"])
+def test_every_row_keeps_its_budget(setup, kind):
+    model, _, question, ctx = setup
+    policy = make_policy(kind, CFG.num_layers, T, 0.25)
+    packed = compress(model, ctx, [policy], room=16)
+    np.testing.assert_array_equal(packed.kept_RL, CFG.num_kv_heads * 75)
+    for layer in range(CFG.num_layers):
+        pos = np.asarray(_layer_cache(packed.cache, layer).pos)[0]
+        assert {0, 1, 2, 3} <= set(pos[0].tolist()) or kind in ("tova", "adakv")
+    out = answer(model, packed, T, question, 4, stop_tokens=()).tokens[0]
+    assert len(out) == 4
