@@ -133,22 +133,24 @@ def expected_attention_scores(view: ContextView, n_future: int = 512) -> jax.Arr
     return expected_attention(c.k, c.v, view.live_BKS, mu, cov, view.rule.scale)
 
 
-def head_adaptive_keep(rank_BKS: jax.Array, capacity: int, alpha: float) -> jax.Array:
+def _places(rank_BKN: jax.Array) -> jax.Array:
+    """Each entry's place in its row, best first (0 = the best), int32."""
+    return jnp.argsort(jnp.argsort(-rank_BKN, axis=-1), axis=-1).astype(jnp.int32)
+
+
+def head_adaptive_keep(rank_BKS: jax.Array, capacity: jax.Array, alpha: float) -> jax.Array:
     """Ada-KV's budget rule: the layer keeps K * capacity slots in all, each head at least
     floor(alpha * capacity) of its best, the rest the best of all heads pooled. Slots
-    ranked -inf are never kept. Returns keep [B, K, S] bool."""
+    ranked -inf are never kept. capacity may be traced. Returns keep [B, K, S] bool."""
     b, kh, s = rank_BKS.shape
-    safe = int(alpha * capacity)
-    order = jnp.argsort(-rank_BKS, axis=-1)
-    place = jnp.argsort(order, axis=-1)  # 0 = the head's best slot
-    guaranteed = (place < safe) & jnp.isfinite(rank_BKS)
-    boosted = jnp.where(guaranteed, jnp.inf, rank_BKS).reshape(b, kh * s)
-    top = jnp.argsort(-boosted, axis=-1)[:, : kh * capacity]
-    keep = jnp.zeros((b, kh * s), bool).at[jnp.arange(b)[:, None], top].set(True)
-    return keep.reshape(b, kh, s) & (rank_BKS > -jnp.inf)
+    safe = jnp.floor(alpha * capacity)
+    guaranteed = (_places(rank_BKS) < safe) & jnp.isfinite(rank_BKS)
+    boosted = jnp.where(guaranteed, jnp.inf, rank_BKS).reshape(b, 1, kh * s)
+    keep = (_places(boosted) < kh * capacity).reshape(b, kh, s)
+    return keep & (rank_BKS > -jnp.inf)
 
 
-def per_head_keep(rank_BKS: jax.Array, capacity: int) -> jax.Array:
-    """The `capacity` best-ranked slots of each head (never one ranked -inf). [B, K, S]"""
-    place = jnp.argsort(jnp.argsort(-rank_BKS, axis=-1), axis=-1)
-    return (place < capacity) & (rank_BKS > -jnp.inf)
+def per_head_keep(rank_BKS: jax.Array, capacity: jax.Array) -> jax.Array:
+    """The `capacity` best-ranked slots of each head (never one ranked -inf; capacity may be
+    traced). [B, K, S]"""
+    return (_places(rank_BKS) < capacity) & (rank_BKS > -jnp.inf)

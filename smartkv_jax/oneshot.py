@@ -168,14 +168,15 @@ def context_view(
     )
 
 
-@partial(jax.jit, static_argnames=("policy", "capacity"))
-def _kept(policy, capacity: int, view: ContextView) -> LayerCache:
-    """The slots `policy` keeps of a context view, packed into `capacity` slots (position
-    order; unused slots empty)."""
+@partial(jax.jit, static_argnames=("policy", "size"))
+def _kept(policy, size: int, capacity: jax.Array, view: ContextView) -> LayerCache:
+    """The slots `policy` (its capacity stripped, so one program serves every budget) keeps
+    at `capacity` slots per head, packed into `size` slots (kept first, in position order;
+    the rest empty)."""
     lc = view.cache
     rank = policy.ranks(lc.pos, policy.context_scores(view), view.t_B)
-    keep = policy.context_keep(rank)
-    idx = jnp.argsort(~keep, axis=-1, stable=True)[..., :capacity]  # kept slots first
+    keep = policy.context_keep(rank, capacity)
+    idx = jnp.argsort(~keep, axis=-1, stable=True)[..., :size]  # kept slots first
     took = jnp.take_along_axis(keep, idx, axis=-1)
     pick = partial(jnp.take_along_axis, indices=idx[..., None], axis=2)
     pos = jnp.where(took, jnp.take_along_axis(lc.pos, idx, axis=-1), -1)
@@ -221,7 +222,11 @@ def compress(
             continue
         view = context_view(model, ctx, i, gates)
         caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
-        packed = [_kept(r.layers[i], max(caps) + room, view) for r in rows]
+        size = -(-(max(caps) + room) // 64) * 64  # few distinct sizes: few compiles
+        packed = [
+            _kept(dataclasses.replace(r.layers[i], capacity=None), size, jnp.int32(c), view)
+            for r, c in zip(rows, caps)
+        ]
         kept[:, i] = [int(jnp.sum(p.pos >= 0)) for p in packed]
         native.append(cfg.num_kv_heads * ctx.length)
         layers.append(packed)

@@ -115,10 +115,10 @@ class CachePolicy:
         oneshot protocol); default: the slot's position, as `initial_scores`."""
         return view.cache.pos.astype(jnp.float32)
 
-    def context_keep(self, rank_BKS: jax.Array) -> jax.Array:
-        """Which slots a oneshot compression keeps [B, K, S] (default: each head's
-        `capacity` best ranked)."""
-        return per_head_keep(rank_BKS, self.capacity or rank_BKS.shape[-1])
+    def context_keep(self, rank_BKS: jax.Array, capacity: jax.Array) -> jax.Array:
+        """Which slots a oneshot compression keeps [B, K, S] when each head's share is
+        `capacity` (traced; default: each head's `capacity` best ranked)."""
+        return per_head_keep(rank_BKS, capacity)
 
     def base_ranks(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
         """Rank of occupied slots; `ranks` adds the empty-slot rule."""
@@ -424,8 +424,8 @@ class AdaKVPolicy(SnapKVPolicy):
     kind: ClassVar[str] = "adakv"
     alpha: float = 0.2
 
-    def context_keep(self, rank_BKS):
-        return head_adaptive_keep(rank_BKS, self.capacity or rank_BKS.shape[-1], self.alpha)
+    def context_keep(self, rank_BKS, capacity):
+        return head_adaptive_keep(rank_BKS, capacity, self.alpha)
 
 
 @dataclasses.dataclass(frozen=True)

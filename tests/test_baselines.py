@@ -111,7 +111,7 @@ def _adakv_reference(rank: np.ndarray, capacity: int, alpha: float) -> np.ndarra
 def test_head_adaptive_keep_matches_numpy(alpha):
     rank = RNG.normal(size=(B, 3, 30)).astype(np.float32)
     rank[0, 1] += 3.0  # one head far more important: it takes most of the layer's budget
-    got = np.asarray(head_adaptive_keep(jnp.asarray(rank), 10, alpha))
+    got = np.asarray(head_adaptive_keep(jnp.asarray(rank), jnp.int32(10), alpha))
     want = _adakv_reference(rank, 10, alpha)
     np.testing.assert_array_equal(got, want)
     assert (got.sum(axis=(1, 2)) == 30).all()
