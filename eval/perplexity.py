@@ -35,7 +35,7 @@ from smartkv_jax.cache import KVCache, init_cache
 from smartkv_jax.data import read_text, text_files
 from smartkv_jax.errors import SmartKVError
 from smartkv_jax.model import Transformer
-from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.policy_table import PolicyConfig, native_slots
 from smartkv_jax.step import chunk_step, split_model
 
 PG19_DATASET = "emozilla/pg19-test"  # the PG-19 test split as parquet (text column "text")
@@ -313,7 +313,7 @@ def paired_bootstrap(
 class PerplexityResult:
     """One policy's streaming perplexity over a batch of books.
 
-    nll: [B, T-1] per-token NLL (nats). memory_actual: the policy's KV bytes over the full
+    nll: [B, T-1] per-token NLL (nats). memory_actual: the policy's KV bytes over the native
     cache's at T tokens (measured on the cache that ran).
     """
 
@@ -363,7 +363,8 @@ def evaluate_perplexity(
     )
     seconds = time.perf_counter() - start
     cfg, itemsize = model.cfg, jnp.dtype(model.dtype).itemsize
-    full_bytes = 2 * cfg.num_layers * len(books) * cfg.num_kv_heads * t * cfg.head_dim * itemsize
+    native = native_slots(cfg.num_layers, t, cfg.layer_windows)  # windowed layers: W slots
+    full_bytes = 2 * native * len(books) * cfg.num_kv_heads * cfg.head_dim * itemsize
     return PerplexityResult(
         policy=policy.name,
         memory_actual=cache.kv_bytes() / full_bytes,

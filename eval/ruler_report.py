@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smartkv_jax.jsonio import write_text_atomic
+
 from .markdown import pct
 from .plots import _pyplot, _save
 from .ruler import split_cell, summarize
@@ -74,5 +76,5 @@ def write_ruler_report(out_dir: Path, rows: Sequence[dict[str, Any]], protocol: 
     for length in sorted({r["length"] for r in rows}):
         text += f"\n![RULER at {length}]({ruler_plot(rows, out_dir, length)})\n"
     path = out_dir / "ruler_report.md"
-    path.write_text(text)
+    write_text_atomic(path, text)
     return path

@@ -3,13 +3,16 @@ bootstrap and the text sources (offline fallback)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from eval import perplexity as P
 from smartkv_jax import data as text_data
+from smartkv_jax.model import Transformer
 from smartkv_jax.policy import OraclePolicy, WindowPolicy
 from smartkv_jax.policy_table import PolicyConfig
 
@@ -54,6 +57,20 @@ def test_small_budget_changes_perplexity_and_memory_is_measured():
     assert res.ppl != pytest.approx(full.ppl, rel=1e-6)
     assert len(res.ppl_per_book) == 2 and res.nll.shape == (2, 39)
     assert P.position_curve(res.nll).shape == (39,)
+
+
+def test_memory_is_measured_against_the_native_cache():
+    """Windowed layers keep W slots natively: the full cache is 100%, and a budget counts
+    the windowed layers' native slots besides the global layer's budget."""
+    cfg = dataclasses.replace(CFG, layer_windows=(16, 0, 16))
+    params = Transformer.init_random(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, 40)).astype(np.int32)
+    books = [P.Book("b", tokens[0])]
+    full = P.evaluate_perplexity(params, PolicyConfig.uniform(3), books, progress=False)
+    pol = PolicyConfig.uniform(3, WindowPolicy(capacity=10, n_sink=2))
+    res = P.evaluate_perplexity(params, pol, books, progress=False)
+    assert full.memory_actual == pytest.approx(1.0)
+    assert res.memory_actual == pytest.approx((16 + 10 + 16) / (16 + 40 + 16))
 
 
 def test_oracle_policy_streams_with_true_lifespans():
