@@ -122,16 +122,23 @@ def resolve_format(tokenizer: Any, fmt: str) -> str:
     return fmt
 
 
+def chat_turn(tokenizer: Any) -> tuple[str, str]:
+    """(text before, text after) a user message in the tokenizer's chat template, the
+    assistant's turn opened."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
+    )
+    pre, post = text.split(_MARK)
+    return pre, post
+
+
 def prompt_parts(tokenizer: Any, fmt: str) -> tuple[list[int], list[int]]:
     """(prefix ids before the haystack, suffix ids after it: question + answer cue)."""
     fmt = resolve_format(tokenizer, fmt)
     if fmt == "plain":
         return [], encode(tokenizer, f"\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}")
     if fmt == "chat":
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
-        )
-        pre, post = text.split(_MARK)
+        pre, post = chat_turn(tokenizer)
         return encode(tokenizer, pre), encode(tokenizer, f"\n\n{QUESTION}{post}{ANSWER_PREFIX}")
     raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
 

@@ -27,11 +27,11 @@ from smartkv_jax.data import encode
 from smartkv_jax.gates import Gates
 from smartkv_jax.generate import generate
 from smartkv_jax.model import Transformer
-from smartkv_jax.oneshot import answer, compress, prefill_context
+from smartkv_jax.oneshot import answer, compress, context_views, prefill_context
 from smartkv_jax.policy_table import PolicyConfig
 from train.policy_names import parse_policy
 
-from .needle import _MARK, resolve_format
+from .needle import chat_turn, resolve_format
 from .result_store import ResultStore
 from .ruler_scoring import score
 from .ruler_tasks import TASKS, RulerSample, make_sample
@@ -100,10 +100,7 @@ def sample_ids(tokenizer: Any, sample: RulerSample, fmt: str) -> tuple[list[int]
     """(context ids, question ids): the chat template (or plain text) split where the
     question starts, the answer prefix at the end of the question part."""
     if resolve_format(tokenizer, fmt) == "chat":
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
-        )
-        pre, post = text.split(_MARK)
+        pre, post = chat_turn(tokenizer)
         context = encode(tokenizer, pre + sample.context)
         return context, encode(tokenizer, f"\n\n{sample.question}{post}{sample.answer_prefix}")
     q = f"\n\n{sample.question}\n\n{sample.answer_prefix}"
@@ -180,12 +177,13 @@ class RulerRun:
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         prefill_s = time.perf_counter() - t0
+        views = context_views(self.model, ctx, self.gates)
         room = len(question) + max_new + 16
         answers, memory = {}, {}
         for budget in sorted({m for _, m in self.settings.cells()}):
             cells = [(p, m) for p, m in self.settings.cells() if m == budget]
             policies = [self.policy(p, m, len(context)) for p, m in cells]
-            packed = compress(self.model, ctx, policies, room, self.gates)
+            packed = compress(self.model, ctx, policies, room, views)
             res = answer(self.model, packed, len(context), question, max_new)
             keys = [cell_key(p, m) for p, m in cells]
             memory.update(zip(keys, packed.memory_fractions().tolist()))

@@ -5,7 +5,8 @@ by every compressed cache at once, one batch row per (policy, budget).
 `prefill_context` runs the context under H2O's scoring with room for all of it (nothing is
 evicted, so the cache equals the full one and each slot's score is the attention every
 context query paid it), keeping the last `obs` queries and the statistics of the queries
-before RoPE. `compress` turns that into one row per policy: each global layer keeps the slots
+before RoPE. `context_views` derives what each layer's policy reads, once; `compress`
+turns that into one row per policy: each global layer keeps the slots
 its policy ranks best (`CachePolicy.context_scores`, `context_keep`); windowed layers keep
 their native caches. `answer` reads the question from there and decodes greedily.
 
@@ -200,39 +201,50 @@ class Compressed:
         return self.kept_RL.sum(1) / self.native_L.sum()
 
 
+def context_views(
+    model: Transformer, ctx: PrefilledContext, gates: Gates | None = None
+) -> list[ContextView | None]:
+    """Every global layer's ContextView (None for a windowed layer, which keeps its native
+    cache): computed once per context, shared by every `compress` of it."""
+    cfg = model.cfg
+    return [
+        None if cfg.window(i) else context_view(model, ctx, i, gates) for i in range(cfg.num_layers)
+    ]
+
+
 def compress(
     model: Transformer,
     ctx: PrefilledContext,
     policies: Sequence[PolicyConfig],
     room: int,
-    gates: Gates | None = None,
+    views: Sequence[ContextView | None],
 ) -> Compressed:
     """One row per policy (each resolved at the context's length): its global layers keep
-    what it ranks best, each with `room` free slots for the question and answer."""
+    what it ranks best (`views`: from `context_views`), each with `room` free slots for the
+    question and answer."""
     cfg = model.cfg
-    windows = [cfg.window(i) for i in range(cfg.num_layers)]
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
-    layers, kept, native = [], np.zeros((len(rows), cfg.num_layers), np.int64), []
-    for i, w in enumerate(windows):
-        lc = _layer_cache(ctx.cache, i)
-        if w:  # the model's own window: the native cache, in every row
-            layers.append([lc] * len(rows))
-            kept[:, i] = int(jnp.sum(lc.pos >= 0))
-            native.append(kept[0, i])
+    layers = []
+    for i, view in enumerate(views):
+        if view is None:  # the model's own window: the native cache, in every row
+            layers.append([_layer_cache(ctx.cache, i)] * len(rows))
             continue
-        view = context_view(model, ctx, i, gates)
         caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
         size = -(-(max(caps) + room) // 64) * 64  # few distinct sizes: few compiles
         packed = [
             _kept(dataclasses.replace(r.layers[i], capacity=None), size, jnp.int32(c), view)
             for r, c in zip(rows, caps)
         ]
-        kept[:, i] = [int(jnp.sum(p.pos >= 0)) for p in packed]
-        native.append(cfg.num_kv_heads * ctx.length)
         layers.append(packed)
+    counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
+    kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
+    native = [
+        kept_LR[i, 0] if view is None else cfg.num_kv_heads * ctx.length
+        for i, view in enumerate(views)
+    ]
     table = _decode_table(ctx.policy, layers)
     cache = _stack_rows(cfg, table, layers, model.dtype)
-    return Compressed(cache, table, kept, np.asarray(native))
+    return Compressed(cache, table, kept_LR.T, np.asarray(native))
 
 
 def _decode_table(context_policy: PolicyConfig, layers: list[list[LayerCache]]) -> PolicyConfig:

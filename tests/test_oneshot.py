@@ -16,6 +16,7 @@ from smartkv_jax.oneshot import (
     answer,
     compress,
     context_view,
+    context_views,
     prefill_context,
 )
 from smartkv_jax.policy_table import PolicyConfig, make_policy
@@ -42,7 +43,7 @@ def test_full_row_answers_as_generate(setup):
         PolicyConfig.uniform(CFG.num_layers),
         make_policy("window", CFG.num_layers, T, 0.25),
     ]
-    packed = compress(model, ctx, policies, room=32)
+    packed = compress(model, ctx, policies, room=32, views=context_views(model, ctx))
     got = answer(model, packed, T, question, 8, stop_tokens=()).tokens
     assert got[0] == want
     np.testing.assert_allclose(packed.memory_fractions(), [1.0, 75 / T])
@@ -50,7 +51,8 @@ def test_full_row_answers_as_generate(setup):
 
 def test_window_keeps_sinks_and_the_newest(setup):
     model, _, _, ctx = setup
-    packed = compress(model, ctx, [make_policy("window", CFG.num_layers, T, 0.25)], room=8)
+    window = make_policy("window", CFG.num_layers, T, 0.25)
+    packed = compress(model, ctx, [window], room=8, views=context_views(model, ctx))
     for layer in range(CFG.num_layers):
         pos = np.asarray(_layer_cache(packed.cache, layer).pos)[0]  # [K, S]
         for head in pos:
@@ -79,7 +81,7 @@ def test_observation_mass_is_the_last_queries_attention(setup):
 def test_every_row_keeps_its_budget(setup, kind):
     model, _, question, ctx = setup
     policy = make_policy(kind, CFG.num_layers, T, 0.25)
-    packed = compress(model, ctx, [policy], room=16)
+    packed = compress(model, ctx, [policy], room=16, views=context_views(model, ctx))
     np.testing.assert_array_equal(packed.kept_RL, CFG.num_kv_heads * 75)
     for layer in range(CFG.num_layers):
         pos = np.asarray(_layer_cache(packed.cache, layer).pos)[0]
