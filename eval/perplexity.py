@@ -36,6 +36,7 @@ from smartkv_jax.data import read_text, text_files
 from smartkv_jax.errors import SmartKVError
 from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig, native_slots
+from smartkv_jax.sharding import model_mesh, put_batch
 from smartkv_jax.step import chunk_step, split_model
 
 PG19_DATASET = "emozilla/pg19-test"  # the PG-19 test split as parquet (text column "text")
@@ -195,7 +196,8 @@ def streaming_nll(
     aux = {"gates": gates}
     if policy.needs_oracle:
         aux["oracle"] = jnp.asarray(oracle_LBKT, jnp.float32)
-    cache = init_cache(cfg, policy, b, model.dtype)
+    mesh = model_mesh(model)
+    cache = init_cache(cfg, policy, b, model.dtype, mesh=mesh)
     graph, state = split_model(model, cache)
     parts = []
     for s in tqdm(range(0, padded, chunk), desc=desc, disable=not progress, leave=False):
@@ -203,11 +205,11 @@ def streaming_nll(
             graph,
             state,
             policy,
-            jnp.asarray(tokens[:, s : s + chunk]),
-            jnp.asarray(pos[:, s : s + chunk]),
+            put_batch(tokens[:, s : s + chunk], mesh),
+            put_batch(pos[:, s : s + chunk], mesh),
             cache,
             aux,
-            targets_BC=jnp.asarray(targets[:, s : s + chunk]),
+            targets_BC=put_batch(targets[:, s : s + chunk], mesh),
         )
         cache = out.cache
         parts.append(out.nll)

@@ -153,7 +153,9 @@ class RulerRun:
         context, question = sample_ids(self.tokenizer, sample, self.settings.fmt)
         t0 = time.perf_counter()
         if self.settings.protocol == "oneshot":
-            answers, memory, prefill_s = self._oneshot(context, question, sample.max_new_tokens)
+            answers, memory, prefill_s = self._oneshot(
+                context, question, sample.max_new_tokens, length
+            )
         else:
             answers, memory, prefill_s = self._streaming(context, question, sample.max_new_tokens)
         texts = {k: self.tokenizer.decode(v, skip_special_tokens=True) for k, v in answers.items()}
@@ -171,14 +173,16 @@ class RulerRun:
             "seconds": time.perf_counter() - t0,
         }
 
-    def _oneshot(self, context, question, max_new):
+    def _oneshot(self, context, question, max_new, length):
         """One prefill; then per budget, every policy's compressed cache in one batch
-        (rows of one budget have similar capacities, so none is padded far)."""
+        (rows of one budget have similar capacities, so none is padded far). Every row
+        leaves room up to the nominal `length` (which the sample's context, question and
+        answer fit in), so samples of one length share cache shapes and compiled programs."""
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         prefill_s = time.perf_counter() - t0
         views = context_views(self.model, ctx, self.gates)
-        room = len(question) + max_new + 16
+        room = max(len(question) + max_new, length - len(context)) + 16
         answers, memory = {}, {}
         for budget in sorted({m for _, m in self.settings.cells()}):
             cells = [(p, m) for p, m in self.settings.cells() if m == budget]

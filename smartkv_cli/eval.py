@@ -31,7 +31,7 @@ from eval.sweep_settings import (
     sweep_entries,
 )
 from smartkv_cli.errors import OneLineParser, run_command
-from smartkv_cli.flags import add_field, add_model_flags, field_values
+from smartkv_cli.flags import add_field, add_model_flags, field_values, place_model
 from smartkv_cli.ruler import add_ruler_cli
 from smartkv_jax.config import ModelConfig
 from smartkv_jax.jsonio import dumps
@@ -207,19 +207,22 @@ def load_eval_gates(args: argparse.Namespace, cfg: ModelConfig):
     return None, None
 
 
-def load_model(name: str, dtype_name: str = "float32"):
-    """The model, tokenizer and source (smartkv_jax.convert.load_model)."""
+def load_model(name: str, dtype_name: str = "float32", mesh: tuple[int, int] | None = None):
+    """The model, tokenizer and source (smartkv_jax.convert.load_model), the model placed on
+    the --mesh (`place_model`)."""
     from smartkv_jax.convert import DTYPES
     from smartkv_jax.convert import load_model as _load
 
-    return _load(name, DTYPES[dtype_name])
+    m = _load(name, DTYPES[dtype_name])
+    place_model(m.model, mesh)
+    return m
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     run = not getattr(args, "no_run", False)
     if run:
-        m = load_model(args.model, args.dtype)
+        m = load_model(args.model, args.dtype, args.mesh)
         gates, info = load_eval_gates(args, m.cfg)
         run_sweep(
             args.out,

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from smartkv_cli.errors import OneLineParser, add_debug_flag, run_command
-from smartkv_cli.flags import add_model_flags
+from smartkv_cli.flags import add_model_flags, place_model
+from smartkv_cli.processes import add_process_flags, start_processes
 from smartkv_jax.errors import SmartKVError
 from smartkv_jax.jsonio import dumps, write_text_atomic
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from smartkv_cli.prompts import completions, prompt_ids, read_prompts
     from smartkv_jax.convert import DTYPES, load_model
     from smartkv_jax.generate import generate
     from smartkv_jax.policy_table import budget_effective
@@ -20,8 +22,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from train.policy_names import check_policy_name
 
     check_policy_name(args.policy, args.calibrated)
+    prompts = read_prompts(args)  # bad prompt files fail before the model loads
     m = load_model(args.model, DTYPES[args.dtype])
-    prompts = args.prompt
+    mesh = place_model(m.model, args.mesh)
     if args.chat and not getattr(m.tokenizer, "chat_template", None):
         raise SmartKVError(f"--chat: model {args.model} has no chat template; drop --chat")
     if args.chat:
@@ -31,7 +34,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
             for p in prompts
         ]
-    ids = [m.tokenizer(p).input_ids for p in prompts]
+    ids = prompt_ids(prompts, m, args.token_ids)
     sampling = SamplingConfig(
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p
     )
@@ -39,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     policy, gates = _generation_policy(args, m.cfg.num_layers, context)
     kwargs = dict(sampling=sampling, seed=args.seed, chunk=args.chunk, policy=policy, gates=gates)
     res = generate(m.model, ids, args.max_new_tokens, **kwargs)
-    texts = [m.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
+    texts = completions(res.tokens, m, args.token_ids)
     report = {
         "model": m.source,
         "policy": policy.name,
@@ -48,9 +51,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "sliding_layers": list(m.cfg.sliding_layers),
         "completions": texts,
         "new_tokens": [len(t) for t in res.tokens],
+        "compile_s": round(res.compile_s, 4),
         "prefill_s": round(res.prefill_s, 4),
+        "decode_s": round(res.decode_s, 4),
         "decode_tokens_per_s": round(res.decode_tokens_per_s, 2),
         "kv_cache_bytes": res.cache.kv_bytes(),
+        "mesh": mesh,
     }
     if args.json:
         print(dumps(report, indent=2))
@@ -79,15 +85,20 @@ def _generation_policy(args: argparse.Namespace, num_layers: int, context: int):
     return policy, load_gates(args.gates)[0]
 
 
+SHOWN_PROMPT = 200  # characters of a prompt echoed before its completion
+
+
 def _print_generation(report: dict, policy, prompts: list[str], context: int) -> None:
     print(policy.table() + "\n")
     if not report["budget_effective"] and any(p.kind != "full" for p in policy.layers):
         print(f"note: the budget is not in effect: every layer keeps all {context} tokens\n")
     for p, t in zip(prompts, report["completions"]):
-        print(f"--- prompt: {p!r}\n{t}\n")
+        shown = p if len(p) <= SHOWN_PROMPT else f"{p[:SHOWN_PROMPT]}... ({len(p)} characters)"
+        print(f"--- prompt: {shown!r}\n{t}\n")
     print(
-        f"decode: {report['decode_tokens_per_s']} tokens/s (batch {len(prompts)}), "
-        f"prefill {report['prefill_s']} s, KV cache {report['kv_cache_bytes'] / 2**20:.1f} MiB"
+        f"compile {report['compile_s']} s, prefill {report['prefill_s']} s, decode "
+        f"{report['decode_s']} s: {report['decode_tokens_per_s']} tokens/s (batch "
+        f"{len(prompts)}), KV cache {report['kv_cache_bytes'] / 2**20:.1f} MiB"
     )
 
 
@@ -104,16 +115,19 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
+    import jax
+
     from smartkv_jax.convert import DTYPES, load_model
     from smartkv_jax.data import text_files
     from train.label_store import holds_store
     from train.labels import extract_labels
 
+    start_processes(args)
     text_files(args.text)  # a missing text source or a --out that is no store: before loading
     holds_store(Path(args.out))
     m = load_model(args.model, DTYPES[args.dtype])
-    if m.tokenizer is None:
-        raise SmartKVError(f"model {args.model} has no tokenizer files: labels need one")
+    place_model(m.model, args.mesh)
+    m.require_tokenizer("labels are taken from text: use a model with tokenizer files")
     meta = extract_labels(
         m.model,
         m.tokenizer,
@@ -131,6 +145,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
     )
+    if jax.process_index() != 0:
+        return 0
     print(
         dumps(meta, indent=2)
         if args.json
@@ -164,10 +180,19 @@ def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text and report decode speed")
     add_model_flags(g)
     g.add_argument(
-        "--prompt",
+        "--prompt", action="append", help="prompt text; repeat the flag for a batch of prompts"
+    )
+    g.add_argument(
+        "--prompt-file",
         action="append",
-        required=True,
-        help="prompt text; repeat the flag for a batch of prompts",
+        help="a UTF-8 text file holding one prompt (say a long context); repeatable, read "
+        "after the --prompt prompts",
+    )
+    g.add_argument(
+        "--token-ids",
+        action="store_true",
+        help="prompts hold whitespace-separated token ids, not text, and completions are "
+        "printed as ids (models without a tokenizer, such as random:NAME)",
     )
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
@@ -206,7 +231,7 @@ def _add_generate(sub) -> None:
 def _add_parity(sub) -> None:
     """Adds the `parity` subcommand (logit comparison with PyTorch) to `sub`."""
     p = sub.add_parser("parity", help="compare logits with transformers' PyTorch model")
-    add_model_flags(p, dtype=False)
+    add_model_flags(p, dtype=False, mesh=False)
     p.add_argument("--text-file", required=True, help="text to take the tokens from")
     p.add_argument("--tokens", type=int, default=512, help="number of text tokens to compare")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -220,7 +245,9 @@ def _add_labels(sub) -> None:
         help="extract pre-RoPE keys and lifespan labels into a label store",
         description="Run the model over windows of text and store, for every layer and KV "
         "head, each pre-RoPE key with its lifespan (the last later query whose attention "
-        "to it exceeds tau, max over the GQA group) at one or more thresholds.",
+        "to it exceeds tau, max over the GQA group) at one or more thresholds. With "
+        "--num-processes P, process p labels windows p, p + P, ... and process 0 joins them "
+        "into the store (OUT must be on a file system every process sees).",
     )
     add_model_flags(lab)
     lab.add_argument(
@@ -282,6 +309,7 @@ def _add_labels(sub) -> None:
         "unfinished run of the same setup is kept and resumed either way",
     )
     lab.add_argument("--json", action="store_true", help="print the store's metadata as JSON")
+    add_process_flags(lab)
     lab.set_defaults(func=cmd_labels)
 
 

@@ -69,7 +69,7 @@ def cmd_ruler(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     settings.check()
-    m = load_model(args.model, args.dtype)
+    m = load_model(args.model, args.dtype, args.mesh)
     gates = None
     if args.gates:
         from smartkv_jax.gate_checkpoint import load_gates

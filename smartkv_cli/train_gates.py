@@ -15,10 +15,10 @@ from typing import Any
 import jax
 
 from smartkv_cli.flags import add_field
+from smartkv_cli.processes import add_process_flags, start_processes
 from smartkv_jax import sharding as shd
 from smartkv_jax.gates import PAIRINGS, GateConfig
 from smartkv_jax.jsonio import dumps, write_json
-from train.distributed import init_distributed
 from train.label_store import open_store
 from train.metrics import LOSSES
 from train.train_gates import TrainConfig, train_gates
@@ -96,15 +96,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     )
     a("--mesh-data", type=int, default=None, help="size of the mesh's data axis")
     a("--mesh-model", type=int, default=None, help="size of the mesh's model (heads) axis")
-    a("--coordinator", default=None, help="host:port of process 0 for multi-process runs")
-    a("--num-processes", type=int, default=None, help="number of processes (multi-host)")
-    a("--process-id", type=int, default=None, help="this process's index (multi-host)")
-    a(
-        "--distributed",
-        choices=["off", "auto"],
-        default="off",
-        help="auto: jax.distributed.initialize() from the cluster environment",
-    )
+    add_process_flags(p)
     a("--no-progress", action="store_true", help="no progress bar")
     a("--json", action="store_true", help="print the summary as one JSON object")
     a("--out", default=None, help="also write the summary JSON to this file")
@@ -114,9 +106,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 def cmd_train_gates(args: argparse.Namespace) -> int:
     """Run `train-gates` from parsed arguments."""
-    init_distributed(
-        args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto"
-    )
+    start_processes(args)
     cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_HELP})
     store = open_store(args.train)
     nl, nk, d = store.shape

@@ -65,6 +65,7 @@ _EVAL = {
     "max_new_tokens": AT_LEAST_1,
     "seed": NON_NEGATIVE,
 }
+_PROCESSES = {"num_processes": AT_LEAST_1, "process_id": NON_NEGATIVE}
 _TRAIN = {
     "tau": TAU,
     "steps": AT_LEAST_1,
@@ -85,8 +86,7 @@ _TRAIN = {
     "stop_after": AT_LEAST_1,
     "mesh_data": AT_LEAST_1,
     "mesh_model": AT_LEAST_1,
-    "num_processes": AT_LEAST_1,
-    "process_id": NON_NEGATIVE,
+    **_PROCESSES,
 }
 RANGES: dict[str, dict[str, Range]] = {
     "generate": {
@@ -108,6 +108,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "facts": NON_NEGATIVE,
         "seed": NON_NEGATIVE,
         "chunk": AT_LEAST_1,
+        **_PROCESSES,
     },
     "eval": _EVAL,
     "train-gates": _TRAIN,
@@ -144,6 +145,9 @@ def _train_cross(args: argparse.Namespace) -> None:
             f"--batch-size must be a multiple of --data-shards ({args.data_shards}), "
             f"got {args.batch_size}"
         )
+
+
+def _processes_cross(args: argparse.Namespace) -> None:
     if None not in (args.process_id, args.num_processes) and args.process_id >= args.num_processes:
         raise SmartKVError(
             f"--process-id must be < --num-processes ({args.num_processes}), got "
@@ -154,8 +158,8 @@ def _train_cross(args: argparse.Namespace) -> None:
 CROSS_CHECKS: dict[str, list[Callable[[argparse.Namespace], None]]] = {
     "calibrate": [_calibrate_cross],
     "eval": [_eval_cross],
-    "labels": [_labels_cross],
-    "train-gates": [_train_cross],
+    "labels": [_labels_cross, _processes_cross],
+    "train-gates": [_train_cross, _processes_cross],
 }
 
 # flags naming inputs that must exist: dest -> "file", "dir" or "path" (either); list flags are

@@ -23,8 +23,11 @@ import jax.numpy as jnp
 from .config import ModelConfig
 from .eviction import reference_evict_slots, sorted_evict_slots
 from .kernels import resolve_kernels
+from .sharding import cache_sharding
 
 if TYPE_CHECKING:  # the table imports the policies, which read caches: no runtime import
+    from jax.sharding import Mesh
+
     from .policy_table import PolicyConfig
 
 
@@ -74,13 +77,20 @@ def init_cache(
     batch: int,
     dtype: jnp.dtype = jnp.float32,
     kernels: str = "auto",
+    mesh: Mesh | None = None,
 ) -> KVCache:
     """An empty cache; `policy` must be resolved for the model (every capacity and window
     set: `PolicyConfig.resolve(max_len, cfg.layer_windows)`). kernels: a mode of
-    kernels.KERNEL_MODES ("auto": Pallas on TPU, the jnp reference elsewhere)."""
+    kernels.KERNEL_MODES ("auto": Pallas on TPU, the jnp reference elsewhere). mesh: made
+    directly on it by `sharding.cache_sharding` (the model's: `sharding.model_mesh`)."""
     if len(policy.layers) != cfg.num_layers:
         raise ValueError(f"policy has {len(policy.layers)} layers, model has {cfg.num_layers}")
     policy.check_windows(cfg.layer_windows)
+
+    def full(shape, fill, dt) -> jax.Array:
+        where = None if mesh is None else cache_sharding(mesh, shape)
+        return jnp.full(shape, fill, dt, device=where)
+
     groups, bounds = [], []
     for start, end, p in policy.groups():
         if p.capacity is None:
@@ -88,10 +98,10 @@ def init_cache(
         n, shape = end - start, (batch, cfg.num_kv_heads, p.capacity)
         groups.append(
             LayerCache(
-                k=jnp.zeros((n, *shape, cfg.head_dim), dtype),
-                v=jnp.zeros((n, *shape, cfg.head_dim), dtype),
-                pos=jnp.full((n, *shape), -1, jnp.int32),
-                score=jnp.zeros((n, *shape), jnp.float32),
+                k=full((n, *shape, cfg.head_dim), 0, dtype),
+                v=full((n, *shape, cfg.head_dim), 0, dtype),
+                pos=full((n, *shape), -1, jnp.int32),
+                score=full((n, *shape), 0, jnp.float32),
             )
         )
         bounds.append((start, end))

@@ -3,7 +3,8 @@ time (docs/design.md: loading checkpoints).
 
 Sources: a local directory (config.json + *.safetensors), a hub id (downloaded when the
 network allows), a GGUF file (dequantized with the gguf package), or a packaged model by
-name (smartkv_jax/packaged_models.py: "smollm2", "gemma3-270m").
+name (smartkv_jax/packaged_models.py: "smollm2", "gemma3-270m"), or a known model's shape
+with random weights ("random:NAME", smartkv_jax/model_shapes.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from .checkpoint_files import (
     safetensors_files,
 )
 from .config import ModelConfig, read_model_config
+from .errors import SmartKVError
 from .gguf_metadata import gguf_config_and_tokenizer, transformers_load
 from .model import Transformer
+from .model_shapes import RANDOM_PREFIX, random_model
 from .packaged_models import PACKAGED_MODELS, packaged_model_path
 
 DEFAULT_MODEL = "smollm2"
@@ -41,12 +44,19 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass
 class LoadedModel:
     model: Transformer
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: object  # a transformers tokenizer; None for random:NAME and weights-only dirs
     source: str
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
+
+    def require_tokenizer(self, instead: str) -> object:
+        """The tokenizer, or SmartKVError naming --model when there is none; `instead` says
+        what to do then (say "give token ids with --token-ids")."""
+        if self.tokenizer is None:
+            raise SmartKVError(f"--model {self.source} has no tokenizer; {instead}")
+        return self.tokenizer
 
 
 # Our layer leaf -> (HF name suffix, GGUF name suffix, transpose?)
@@ -276,8 +286,11 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
-    """Load by name: a packaged model ("smollm2", "gemma3-270m"), a .gguf path, a local HF
-    directory, or a hub id. `dtype`: the compute dtype the weights are cast to."""
+    """Load by name: a packaged model ("smollm2", "gemma3-270m"), a known shape with random
+    weights ("random:NAME", no tokenizer), a .gguf path, a local HF directory, or a hub id.
+    `dtype`: the compute dtype the weights are cast to (random weights are drawn in it)."""
+    if name.startswith(RANDOM_PREFIX):
+        return LoadedModel(random_model(name.removeprefix(RANDOM_PREFIX), dtype), None, name)
     p = model_path(name)
     if p.suffix == ".gguf":
         return load_gguf(p, dtype)

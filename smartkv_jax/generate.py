@@ -26,15 +26,20 @@ from .gates import Gates
 from .model import Probe, Transformer
 from .policy_table import PolicyConfig
 from .sampling import GREEDY, SamplingConfig, sample
+from .sharding import model_mesh, put_batch, put_replicated
 from .step import chunk_step, split_model
 
 
 @dataclasses.dataclass
 class GenerationResult:
     """tokens: new tokens per prompt, cut after the first stop token. prefill_s: chunked
-    prefill + first token (includes compiling on first use). decode_s: the decode loop alone
-    (compiled beforehand). decode_steps: decode forward passes run (batch rows each).
-    probes: with a probe, its outputs for each prefill chunk (layer axis first)."""
+    prefill + first token, compiled beforehand. decode_s: the decode loop alone (compiled
+    beforehand). decode_steps: decode forward passes run (batch rows each). probes: with a
+    probe, its outputs for each prefill chunk (layer axis first). compile_s: tracing and
+    compiling the prefill's chunk step ahead of time (`_compile_prefill`) plus the decode
+    loop's zero-step warm-up call; near 0 when a program of the same shapes ran before. On
+    CPU, XLA finishes some code generation on a program's first run, which stays in
+    prefill_s."""
 
     tokens: list[list[int]]
     prefill_s: float
@@ -42,6 +47,7 @@ class GenerationResult:
     decode_steps: int
     cache: KVCache
     probes: list[Any] | None = None
+    compile_s: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -143,6 +149,7 @@ def prefill(
     after each row's last token [B, V], the cache and the probe's outputs per chunk (empty
     without a probe)."""
     graph, state = split_model(model, cache)
+    mesh = model_mesh(model)
     rows = len(segments[0])
     start = np.zeros(rows, np.int64) if start_B is None else np.asarray(start_B, np.int64)
     logits, probes = None, []
@@ -154,11 +161,11 @@ def prefill(
                 graph,
                 state,
                 policy,
-                jnp.asarray(tokens[:, s : s + chunk]),
-                jnp.asarray(pos[:, s : s + chunk]),
+                put_batch(tokens[:, s : s + chunk], mesh),
+                put_batch(pos[:, s : s + chunk], mesh),
                 cache,
                 aux,
-                select_B=jnp.asarray(np.clip(idx, 0, chunk - 1), jnp.int32),
+                select_B=put_batch(np.clip(idx, 0, chunk - 1).astype(np.int32), mesh),
                 probe=probe,
             )
             cache = out.cache
@@ -228,7 +235,7 @@ def generate(
     policy = (policy or PolicyConfig.uniform(model.cfg.num_layers)).resolve(
         max_len, model.cfg.layer_windows
     )
-    cache = init_cache(model.cfg, policy, len(prompts), model.dtype)
+    cache = init_cache(model.cfg, policy, len(prompts), model.dtype, mesh=model_mesh(model))
     segments = [prompts] if context is None else [context, prompts]
     how = {"sampling": sampling, "stop_tokens": stop_tokens, "chunk": chunk, "seed": seed}
     return continue_generation(
@@ -242,6 +249,30 @@ def generate(
         probe=probe,
         **how,
     )
+
+
+def _compile_prefill(
+    model: Transformer,
+    policy: PolicyConfig,
+    cache: KVCache,
+    rows: int,
+    chunk: int,
+    aux: dict[str, Any] | None,
+    probe: Probe | None,
+) -> float:
+    """Seconds spent tracing and compiling `prefill`'s chunk step ahead of time, on inputs
+    placed as `prefill` places them ([rows, chunk] tokens and positions, [rows] columns);
+    jax keeps the program, so the prefill runs it without compiling."""
+    mesh = model_mesh(model)
+    ids_BC = put_batch(np.zeros((rows, chunk), np.int32), mesh)
+    select_B = put_batch(np.zeros(rows, np.int32), mesh)
+    graph, state = split_model(model, cache)
+    t0 = time.perf_counter()
+    lowered = chunk_step.lower(
+        graph, state, policy, ids_BC, ids_BC, cache, aux, select_B=select_B, probe=probe
+    )
+    lowered.compile()
+    return time.perf_counter() - t0
 
 
 def continue_generation(
@@ -265,6 +296,8 @@ def continue_generation(
     cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     n_out = _pow2_at_least(max_new_tokens)
+    model = model.regroup(cache.bounds)  # once, for the compile, the prefill and the decode
+    compile_s = _compile_prefill(model, policy, cache, len(segments[0]), chunk, aux, probe)
     t0 = time.perf_counter()
     logits, cache, probes = prefill(model, policy, segments, cache, chunk, aux, probe, start_B)
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
@@ -272,15 +305,15 @@ def continue_generation(
     first.block_until_ready()
     t1 = time.perf_counter()
     ends = np.asarray(start_B) + sum(np.array([len(p) for p in seg]) for seg in segments)
-    rows = len(segments[0])
+    rows, mesh = len(segments[0]), model_mesh(model)
     state = DecodeState(
-        step=jnp.int32(0),
+        step=put_replicated(np.int32(0), mesh),
         token=first,
-        pos=jnp.asarray(ends, jnp.int32),
+        pos=put_batch(ends.astype(np.int32), mesh),
         cache=cache,
-        key=key,
+        key=put_replicated(key, mesh),
         done=jnp.isin(first, jnp.asarray(stops or (-1,), jnp.int32)),
-        out=jnp.zeros((rows, n_out), jnp.int32).at[:, 0].set(first),
+        out=put_batch(np.zeros((rows, n_out), np.int32), mesh).at[:, 0].set(first),
     )
     graph, params = split_model(model, cache)
     args = (graph, params, policy, sampling, stops)
@@ -293,4 +326,5 @@ def continue_generation(
     t3 = time.perf_counter()
     steps = int(state.step)
     tokens = _cut_at_stop(out, steps, stops)
-    return GenerationResult(tokens, t1 - t0, t3 - t2, steps, state.cache, probes or None)
+    compile_s += t2 - t1
+    return GenerationResult(tokens, t1 - t0, t3 - t2, steps, state.cache, probes or None, compile_s)

@@ -24,9 +24,10 @@ def read_json_file(path: str | os.PathLike, what: str) -> Any:
     return parse_json_text(read_text_file(path, what), f"{what} {path}")
 
 
-def read_text_file(path: str | os.PathLike, what: str) -> str:
+def read_text_file(path: str | os.PathLike, what: str, expected: str = "JSON") -> str:
     """The UTF-8 text of file `path` (FileNotFoundError if there is none, InputFileError for a
-    directory or bytes that are not UTF-8)."""
+    directory, a file that cannot be read or bytes that are not UTF-8; `expected` names what
+    the file should hold in that last message)."""
     path = Path(path)
     if path.is_dir():
         raise InputFileError(f"{what} {path} is a directory, not a file")
@@ -36,8 +37,10 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputFileError(
-            f"{what} {path} is not a text file (byte {err.start} is not UTF-8); expected JSON"
+            f"{what} {path} is not a text file (byte {err.start} is not UTF-8); expected {expected}"
         ) from None
+    except OSError as err:  # permissions, a device error
+        raise InputFileError(f"{what} {path} cannot be read: {err.strerror or err}") from None
 
 
 def parse_json_text(text: str, where: str) -> Any:

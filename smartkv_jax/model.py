@@ -369,9 +369,15 @@ def _check_call(cfg, tokens_BC, pos_BC, policy: PolicyConfig, aux: dict) -> dict
     return {n: aux[n] for n in policy.needs}
 
 
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """N(0, 0.02) of `shape` drawn directly in `dtype` on the device: a bf16 weight never has
+    a float32 copy."""
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
 def random_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> dict[str, Any]:
-    """Random weights {"embed", "final_norm", "lm_head"?, "layers": {...}} (N(0, 0.02),
-    norms the identity)."""
+    """Random weights {"embed", "final_norm", "lm_head"?, "layers": {...}} in `dtype`
+    (N(0, 0.02), norms the identity: ones, or zeros where `norm_plus_one`)."""
     e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     hd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {
@@ -386,20 +392,17 @@ def random_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> dict[s
     if cfg.qkv_bias:
         shapes.update(bq=(n, hd), bk=(n, kd), bv=(n, kd))
     keys = jax.random.split(key, len(shapes) + 2)
-    layers = {
-        name: (0.02 * jax.random.normal(k, s)).astype(dtype)
-        for k, (name, s) in zip(keys, sorted(shapes.items()))
-    }
+    layers = {name: _normal(k, s, dtype) for k, (name, s) in zip(keys, sorted(shapes.items()))}
     norm = jnp.zeros if cfg.norm_plus_one else jnp.ones  # the identity either way
     norms = {"q_norm": cfg.head_dim, "k_norm": cfg.head_dim}
     for name in layer_weight_names(cfg):
         if name.endswith("norm"):
             layers[name] = norm((n, norms.get(name, e)), dtype)
     weights = {
-        "embed": (0.02 * jax.random.normal(keys[-2], (cfg.vocab_size, e))).astype(dtype),
+        "embed": _normal(keys[-2], (cfg.vocab_size, e), dtype),
         "final_norm": norm((e,), dtype),
         "layers": layers,
     }
     if not cfg.tie_embeddings:
-        weights["lm_head"] = (0.02 * jax.random.normal(keys[-1], (e, cfg.vocab_size))).astype(dtype)
+        weights["lm_head"] = _normal(keys[-1], (e, cfg.vocab_size), dtype)
     return weights

@@ -33,10 +33,12 @@ from .model import Transformer
 from .policy import FullPolicy, H2OPolicy
 from .policy_table import PolicyConfig
 from .rope import rotate
+from .sharding import model_mesh, place_cache, put_batch
 from .step import chunk_step, split_model
 
 DEFAULT_OBS = 64  # observation-window queries kept (SnapKV, TOVA, Ada-KV, PyramidKV)
 N_SINK_STATS = 4  # first positions left out of the query statistics (attention sinks)
+SIZE_STEP = 256  # compressed layers' slots are a multiple: few shapes, so few compiled programs
 
 
 @dataclasses.dataclass
@@ -92,7 +94,8 @@ def prefill_context(
     capacity = -(-t // 256) * 256
     policy = PolicyConfig.uniform(cfg.num_layers, H2OPolicy(n_sink=0, recent=0))
     policy = policy.resolve(capacity, cfg.layer_windows)
-    cache = init_cache(cfg, policy, 1, model.dtype)
+    mesh = model_mesh(model)
+    cache = init_cache(cfg, policy, 1, model.dtype, mesh=mesh)
     graph, state = split_model(model, cache)
     inv = layer_inv_freqs(model)
     h, d = cfg.num_heads, cfg.head_dim
@@ -108,11 +111,10 @@ def prefill_context(
         tokens = np.zeros((1, width), np.int32)
         pos = np.full((1, width), -1, np.int32)
         tokens[0, : b - a], pos[0, : b - a] = context[a:b], np.arange(a, b)
-        out = chunk_step(
-            graph, state, policy, jnp.asarray(tokens), jnp.asarray(pos), cache, probe=_probe_queries
-        )
+        tokens, pos = put_batch(tokens, mesh), put_batch(pos, mesh)
+        out = chunk_step(graph, state, policy, tokens, pos, cache, probe=_probe_queries)
         cache, q_last = out.cache, out.probes
-        sums = _add_query_sums(sums, out.probes, jnp.asarray(pos), inv)
+        sums = _add_query_sums(sums, out.probes, pos, inv)
     n, s1, s2 = sums
     n = jnp.maximum(n, 1.0)[None, :, None, None]
     mean = s1 / n
@@ -230,7 +232,7 @@ def compress(
             layers.append([_layer_cache(ctx.cache, i)] * len(rows))
             continue
         caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
-        size = -(-(max(caps) + room) // 64) * 64  # few distinct sizes: few compiles
+        size = -(-(max(caps) + room) // SIZE_STEP) * SIZE_STEP
         packed = [
             _kept(dataclasses.replace(r.layers[i], capacity=None), size, jnp.int32(c), view)
             for r, c in zip(rows, caps)
@@ -243,7 +245,7 @@ def compress(
         for i, view in enumerate(views)
     ]
     table = _decode_table(ctx.policy, layers)
-    cache = _stack_rows(cfg, table, layers, model.dtype)
+    cache = place_cache(_stack_rows(cfg, table, layers, model.dtype), model_mesh(model))
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
 
 
@@ -290,5 +292,5 @@ def answer(
         start,
         max_new_tokens,
         stop_tokens=stop_tokens,
-        chunk=max(16, -(-len(question) // 16) * 16),
+        chunk=max(64, -(-len(question) // 64) * 64),  # few question widths: few compiles
     )

@@ -11,16 +11,28 @@ Devices are laid out process-major (sorted by process index, then id), so on a m
 run each process owns a contiguous block of the "data" axis as long as its local device
 count is a multiple of the model size: every process then feeds a contiguous block of batch
 rows (`process_row_range`) through `jax.make_array_from_process_local_data`.
+
+Inference (`shard_model`, `init_cache(..., mesh=)`, `put_batch`) runs on a mesh of this
+process's own devices (`inference_mesh`): tensor parallel over "model" (query heads, KV heads,
+MLP units), batch rows over "data". An axis that does not split evenly (in whole heads, rows or
+units) is replicated instead (`fitted_sharding`). Every consumer reads the mesh off the model's
+weights (`model_mesh`), so a model placed once takes its caches and inputs with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 AXES = ("data", "model")
 
@@ -40,6 +52,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "features": None,
     "hidden": None,
 }
+# Weight axes that flatten heads x head_dim: they split only in whole heads.
+HEAD_AXES = ("q_heads", "kv_heads")
+# Axes of the KV cache leaves (smartkv_jax/cache.py): k, v [L, B, K, S, D]; pos, score [L, B, K, S].
+CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 def _sorted_devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
@@ -172,3 +188,77 @@ def make_global(local: np.ndarray, sharding: NamedSharding, global_shape: Sequen
     """Global jax.Array from this process's contiguous part of it
     (`jax.make_array_from_process_local_data`)."""
     return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def inference_mesh(data: int | None = None, model: int | None = None) -> Mesh | None:
+    """A mesh over this process's devices (each process runs its own copy of the model):
+    data x model as given, or by default every local device on "data"; None with one device
+    and no sizes given (the model stays where it is)."""
+    devs = jax.local_devices()
+    if data is None and model is None and len(devs) == 1:
+        return None
+    return make_mesh(data, model, devices=devs)
+
+
+def fitted_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], units: Sequence[int]
+) -> NamedSharding:
+    """`logical_sharding`, except that an axis whose `units` (its size in what must stay
+    whole: rows, heads, hidden units) its mesh axis does not divide is replicated."""
+    spec = logical_sharding(mesh, logical_axes).spec
+    fitted = [a if a is None or n % mesh.shape[a] == 0 else None for a, n in zip(spec, units)]
+    return NamedSharding(mesh, P(*fitted))
+
+
+def param_sharding(
+    mesh: Mesh, logical_axes: Sequence[str], shape: Sequence[int], head_dim: int
+) -> NamedSharding:
+    """A model weight's sharding from its logical axes (model.py LAYER_AXES / TOP_AXES); a
+    q_heads / kv_heads axis [heads * head_dim] counts in heads."""
+    units = [n // head_dim if a in HEAD_AXES else n for a, n in zip(logical_axes, shape)]
+    return fitted_sharding(mesh, logical_axes, units)
+
+
+def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """A KV cache leaf [L, B, K, S(, D)]: B over "data", K over "model" where they divide."""
+    return fitted_sharding(mesh, CACHE_AXES[: len(shape)], shape)
+
+
+def shard_model(model: Transformer, mesh: Mesh) -> None:
+    """Move every weight of `model` onto `mesh`, in place (`param_sharding`)."""
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            value = var[...]
+            where = param_sharding(mesh, var.out_sharding, value.shape, model.cfg.head_dim)
+            var.set_value(jax.device_put(value, where))
+
+
+def model_mesh(model: nnx.Module) -> Mesh | None:
+    """The mesh `model`'s weights lie on (`shard_model`); None on a single device."""
+    where = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding
+    return where.mesh if isinstance(where, NamedSharding) else None
+
+
+def place_cache(cache, mesh: Mesh | None):
+    """A cache pytree (leaves [L, B, K, S(, D)]) moved to `cache_sharding` (as is without a
+    mesh)."""
+    if mesh is None:
+        return cache
+    return jax.tree.map(lambda x: jax.device_put(x, cache_sharding(mesh, x.shape)), cache)
+
+
+def put_batch(x, mesh: Mesh | None) -> jax.Array:
+    """A batch input [B, ...] (tokens, positions) as a jax.Array: rows over "data" where they
+    divide, else replicated; on the default device without a mesh."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, fitted_sharding(mesh, ("batch",), np.shape(x)[:1]))
+
+
+def put_replicated(x, mesh: Mesh | None) -> jax.Array:
+    """`x` as a jax.Array on every device of the mesh (a loop's step count, a PRNG key); on
+    the default device without a mesh."""
+    return jnp.asarray(x) if mesh is None else jax.device_put(x, replicated(mesh))

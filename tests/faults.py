@@ -1,5 +1,6 @@
-"""Helpers of the fault tests (test_faults_files.py, test_faults_labels.py): file snapshots,
-truncation, error assertions and a tiny transformers model directory with a tokenizer."""
+"""Helpers of the fault tests (test_faults_files.py, test_faults_labels.py) and of
+test_labels_distributed.py: file snapshots, truncation, error assertions, label store
+comparison and a tiny transformers model directory with a tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from train.label_store import open_store
 
 from .conftest import tiny_hf_config
 from .label_stores import CAP, TAUS, D, K, L
@@ -41,6 +44,25 @@ def fails(call, error, *patterns: str, names: Path | str | None = None) -> str:
 
 
 WORDS = [f"w{i}" for i in range(90)]
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Label stores `a` and `b` hold the same rows in the same order (every column) and the
+    same metadata but for the labelling speed."""
+    import datasets
+
+    sa, sb = open_store(a, in_memory=True), open_store(b, in_memory=True)
+    for name in ("keys_NLKD", "lifespan_NTLK", "censored_N", "pos_N"):
+        np.testing.assert_array_equal(getattr(sa, name), getattr(sb, name))
+    for column in ("doc", "window"):
+        assert (
+            datasets.load_from_disk(str(a / "data"))[column]
+            == datasets.load_from_disk(str(b / "data"))[column]
+        )
+    timing = {"tokens_per_s"}
+    assert {k: v for k, v in sa.meta.items() if k not in timing} == {
+        k: v for k, v in sb.meta.items() if k not in timing
+    }
 
 
 def save_tokenizer(path: Path) -> None:

@@ -22,6 +22,7 @@ from train.label_store import StoreWriter, finish_install, open_store, partial_d
 from .faults import (
     STORE_META,
     WORDS,
+    assert_same_store,
     fails,
     snapshot,
     store_window,
@@ -98,23 +99,6 @@ def labels_argv(model: Path, books: Path, out: Path, *extra: str) -> list[str]:
         "labels", "--model", str(model), "--text", str(books), "--window", "64", "--cap", "16",
         "--chunk", "32", "--windows-per-doc", str(WINDOWS), "--out", str(out), *extra,
     ]  # fmt: skip
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    import datasets
-
-    sa, sb = open_store(a, in_memory=True), open_store(b, in_memory=True)
-    for name in ("keys_NLKD", "lifespan_NTLK", "censored_N", "pos_N"):
-        np.testing.assert_array_equal(getattr(sa, name), getattr(sb, name))
-    for column in ("doc", "window"):
-        assert (
-            datasets.load_from_disk(str(a / "data"))[column]
-            == datasets.load_from_disk(str(b / "data"))[column]
-        )
-    timing = {"tokens_per_s"}
-    assert {k: v for k, v in sa.meta.items() if k not in timing} == {
-        k: v for k, v in sb.meta.items() if k not in timing
-    }
 
 
 def _shards(out: Path) -> int:

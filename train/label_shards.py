@@ -38,7 +38,8 @@ class PartialStore:
     On opening: a complete store of the same setup at `out` is kept (`complete` holds its
     metadata, nothing is labelled); a store of another setup, or a damaged one, is refused
     unless `overwrite` (then replaced at `finish`, not before); unfinished windows of another
-    setup are refused unless `overwrite` (then discarded).
+    setup are refused unless `overwrite` (then discarded). With `joined`, none of this: a
+    handle that adds shards to the work directory another process has opened.
     """
 
     def __init__(
@@ -48,10 +49,14 @@ class PartialStore:
         windows: Sequence[tuple[str, int]],
         features,
         overwrite: bool = False,
+        joined: bool = False,
     ):
         self.out, self.work = Path(out), partial_dir(out)
         self.setup, self.windows, self.features = setup, list(windows), features
         self.done: dict[int, float] = {}  # window index -> seconds it took
+        self.complete = None
+        if joined:  # another process opened the work directory (train/label_processes.py)
+            return
         finish_install(self.out)
         self.complete = self._complete_store(overwrite)
         if self.complete is not None:
@@ -152,6 +157,11 @@ class PartialStore:
         os.replace(tmp, self._shard(index))
         self.done[index] = seconds
 
+    def rescan(self) -> None:
+        """Read which windows are finished from the shards on disk (other processes add
+        theirs too)."""
+        self.done = self._finished_windows()
+
     def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Assemble every window's shard, in order, into the store at `out` (replacing the
         one there, which the constructor allowed); delete the work directory. Returns meta."""
@@ -159,7 +169,10 @@ class PartialStore:
 
         missing = [i for i in range(len(self.windows)) if i not in self.done]
         if missing:
-            raise RuntimeError(f"windows {missing} of {self.out} are not labelled yet")
+            raise SmartKVError(
+                f"windows {missing} of {self.out} have no shard in {self.work / 'windows'} "
+                "(processes labelling together must all see that directory)"
+            )
         with quiet_datasets():
             shards = [self._shard(i) / "data" for i in range(len(self.windows))]
             parts = [datasets.load_from_disk(str(shard)) for shard in shards]

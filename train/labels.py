@@ -33,9 +33,12 @@ from smartkv_jax.errors import SmartKVError
 from smartkv_jax.jsonio import dumps
 from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig
+from smartkv_jax.sharding import model_mesh
 from smartkv_jax.step import chunk_step, split_model
 
+from .distributed import on_every_process
 from .facts import fact_window
+from .label_processes import finish_run, open_run
 from .label_shards import PartialStore
 from .label_store import store_features
 
@@ -129,7 +132,7 @@ def window_labels(
     if t % chunk:
         chunk = t
     policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t, model.cfg.layer_windows)
-    cache = init_cache(model.cfg, policy, 1, model.dtype)
+    cache = init_cache(model.cfg, policy, 1, model.dtype, mesh=model_mesh(model))
     graph, state = split_model(model, cache)
     toks = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
     parts = []
@@ -176,7 +179,8 @@ def extract_labels(
     Resumable and never destructive (train/label_shards.py): finished windows are kept in
     `<out_dir>.partial/` and skipped by a rerun of the same setup (`label_setup`), the store is
     moved into place at the end, a store of the same setup at `out_dir` is kept as it is, and
-    one of another setup is replaced only with `overwrite`.
+    one of another setup is replaced only with `overwrite`. Under jax.distributed every process
+    calls this alike and labels its share of the windows (train/label_processes.py).
     """
     cfg = model.cfg
     _check_window(cfg.max_position, window, first_window, cap)
@@ -197,16 +201,16 @@ def extract_labels(
     )
     features = store_features(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(taus))
     windows = [(doc, w) for doc, w, _ in jobs]
-    run = PartialStore(out_dir, setup, windows, features, overwrite=overwrite)
+    run, mine = open_run(out_dir, setup, windows, features, overwrite)
     if run.complete is not None:
         tqdm.write(
             f"label store {out_dir} already holds these {len(jobs)} windows: kept", sys.stderr
         )
         return run.complete
-    _label_windows(model, jobs, run, taus=setup["taus"], cap=cap, chunk=chunk)
+    how = dict(taus=setup["taus"], cap=cap, chunk=chunk)
+    on_every_process("labelling", lambda: _label_windows(model, jobs, run, mine, **how))
     shapes = {k: getattr(cfg, k) for k in ("num_layers", "num_kv_heads", "head_dim")}
-    tokens_per_s = len(jobs) * window / max(run.seconds, 1e-9)
-    return run.finish({**setup, **shapes, "n_windows": len(jobs), "tokens_per_s": tokens_per_s})
+    return finish_run(run, {**setup, **shapes, "n_windows": len(jobs)})
 
 
 def _check_window(max_position: int, window: int, first_window: int, cap: int) -> None:
@@ -289,16 +293,21 @@ def weights_crc32(model: Transformer) -> str:
     return f"{crc:08x}"
 
 
-def _label_windows(model: Transformer, jobs, run: PartialStore, *, taus, cap, chunk) -> None:
-    """Label every window `run` has not finished, saving each as soon as it is done."""
-    todo = [i for i in range(len(jobs)) if i not in run.done]
+def _label_windows(
+    model: Transformer, jobs, run: PartialStore, mine: Sequence[int], *, taus, cap, chunk
+) -> None:
+    """Label windows `mine` (this process's share of those `run` has not finished), saving
+    each as soon as it is done."""
     if run.done:
         tqdm.write(
             f"resuming: {len(run.done)} of {len(jobs)} windows were labelled by an earlier run "
             f"({run.work})",
             sys.stderr,
         )
-    for i in tqdm(todo, desc="labelling windows", initial=len(jobs) - len(todo), total=len(jobs)):
+    desc = "labelling windows"
+    if jax.process_count() > 1:
+        desc += f" (process {jax.process_index()} of {jax.process_count()})"
+    for i in tqdm(mine, desc=desc):
         doc, w, ids = jobs[i]
         start = time.perf_counter()
         labels = window_labels(model, ids, taus=taus, cap=cap, chunk=chunk)

@@ -1,0 +1,87 @@
+"""The benchmark entry points at a tiny size: eval/bench_accelerator.py (and through it
+eval/bench_case.py) runs real-shape models cut to 6 layers, reports what it names, and imports
+nothing beyond what a bare accelerator install has."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eval import bench_accelerator
+
+# what `python -m eval.bench_accelerator` must run without (an accelerator host has JAX, flax,
+# optax, orbax and transformers; the benchmark needs none of the last two either)
+NOT_IMPORTED = ("torch", "transformers", "gguf", "datasets", "pandas", "matplotlib", "tqdm")
+
+_RUN = """
+import json, sys
+from eval import bench_accelerator
+rows = bench_accelerator.main(sys.argv[1:])
+print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["--models", "smollm2-135m", "--contexts", "640", "--batches", "2"]
+    argv += ["--layers", "6", "--new-tokens", "4", "--chunk", "128", "--dtype", "float32"]
+    argv += ["--out", str(out)]
+    res = subprocess.run(
+        [sys.executable, "-c", _RUN, *argv], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    modules = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(out.read_text()), modules
+
+
+def test_accelerator_benchmark_measures_every_case(tiny_run):
+    report, _ = tiny_run
+    cases = {(c["batch"], c["policy"]): c for c in report["cases"]}
+    assert sorted(cases) == [(2, "full"), (2, "hybrid")]
+    for c in cases.values():
+        assert c["model"] == "random:smollm2-135m" and c["layers"] == 6 and c["context"] == 640
+        assert c["prefill_s"] > 0 and c["compile_s"] > 0 and c["decode_tok_s"] > 0
+        assert c["prefill_tok_s"] == pytest.approx(c["batch"] * 640 / c["prefill_s"])
+        assert c["peak_bytes"] > c["kv_bytes"] > 0
+    full, hybrid = cases[(2, "full")], cases[(2, "hybrid")]
+    # 6 layers x 3 KV heads x 64 dims x (k, v) x 4 bytes per slot; the full cache holds the
+    # prompt and the new tokens rounded up to a multiple of 256 slots
+    slot_bytes = 6 * 3 * 64 * 2 * 4
+    assert full["kv_bytes"] == 2 * slot_bytes * 768  # 2 rows
+    # the hybrid holds 25% of the 644 tokens' full cache
+    assert hybrid["kv_bytes"] / (2 * slot_bytes * 644) == pytest.approx(0.25, abs=0.005)
+    assert report["backend"] == "cpu" and report["wall_s"] > 0
+
+
+def test_accelerator_benchmark_imports_only_jax_and_flax(tiny_run):
+    _, modules = tiny_run
+    assert not set(NOT_IMPORTED) & set(modules)
+    assert {"jax", "flax", "eval", "smartkv_jax"} <= set(modules)
+
+
+def test_cases_past_the_deadline_are_listed_as_skipped(tmp_path):
+    out = tmp_path / "b.json"
+    rows = bench_accelerator.main(
+        ["--models", "llama-3.1-8b", "--contexts", "8192", "--batches", "1", "4"]
+        + ["--max-seconds", "0", "--out", str(out)]
+    )
+    assert [(r["batch"], r["policy"], r["skipped"]) for r in rows] == [
+        (1, "full", "past --max-seconds"),
+        (1, "hybrid", "past --max-seconds"),
+        (4, "full", "past --max-seconds"),
+        (4, "hybrid", "past --max-seconds"),
+    ]
+    assert json.loads(out.read_text())["cases"] == rows
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        bench_accelerator.main(["--models", "gpt-5"])
+    assert "--models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_accelerator.main(["--new-tokens", "1"])
+    assert "--new-tokens" in capsys.readouterr().err
