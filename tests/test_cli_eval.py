@@ -44,7 +44,7 @@ def test_sweep_from_the_command_line(tmp_path, monkeypatch, capsys):
     write_books(tmp_path / "books")
     write_haystack(tmp_path / "hay")
     model = SimpleNamespace(cfg=CFG, model=tiny_params(), tokenizer=CharTokenizer(), source="t")
-    monkeypatch.setattr(E, "load_model", lambda name, dtype="float32": model)
+    monkeypatch.setattr(E, "load_model", lambda name, dtype="float32", mesh=None: model)
     out = str(tmp_path / "res")
     common = [
         "--out",

@@ -27,7 +27,7 @@ def tiny(monkeypatch):
         lambda a: a * 8 if a.ndim == 3 else a, Transformer.init_random(cfg, jax.random.PRNGKey(0))
     )
     model = SimpleNamespace(cfg=cfg, model=params, tokenizer=CharTokenizer(), source="t")
-    monkeypatch.setattr(E, "load_model", lambda name, dtype="float32": model)
+    monkeypatch.setattr(E, "load_model", lambda name, dtype="float32", mesh=None: model)
 
 
 def _run(out, protocol: str, capsys, *extra) -> dict:

@@ -351,7 +351,7 @@ def test_a_budget_without_effect_is_noted(tmp_path, monkeypatch, capsys):
     """recent at 99% of 40 tokens keeps 39 slots: no token a query reads is ever evicted."""
     write_books(tmp_path / "books")
     model = SimpleNamespace(cfg=CFG, model=tiny_params(), tokenizer=CharTokenizer(), source="t")
-    monkeypatch.setattr(E, "load_model", lambda name, dtype="float32": model)
+    monkeypatch.setattr(E, "load_model", lambda name, dtype="float32", mesh=None: model)
     argv = ["ppl", "--out", str(tmp_path / "res"), "--text", str(tmp_path / "books"),
             "--tokens", "40", "--books", "1", "--policies", "full", "recent", "window",
             "--memory", "0.99", "0.25", "--no-progress"]  # fmt: skip
