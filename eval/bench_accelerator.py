@@ -65,8 +65,8 @@ def run_model(cases: list[Case], deadline: float, report) -> None:
         if time.perf_counter() > deadline:
             report({**dataclasses.asdict(case), "skipped": "past --max-seconds"})
             continue
-        if m is None:
-            m = case_model(case)
+        if m is None:  # built once, with room for the model's longest case
+            m = case_model(max(cases, key=lambda c: c.context + c.new_tokens))
             gates = random_gates(m)
         try:
             report(run_case(m, case, gates))

@@ -20,6 +20,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,7 +32,7 @@ from smartkv_jax.errors import SmartKVError
 from smartkv_jax.gates import GateConfig, Gates, init_gates
 from smartkv_jax.generate import generate
 from smartkv_jax.jsonio import dumps
-from smartkv_jax.model_shapes import RANDOM_PREFIX, random_model
+from smartkv_jax.model_shapes import RANDOM_PREFIX, model_shape, random_model
 
 POLICIES = ("full", "hybrid")  # what the benchmarks compare by default
 
@@ -59,14 +60,19 @@ class Case:
 
 
 def case_model(case: Case) -> LoadedModel:
-    """The case's model in its dtype (a random:NAME shape cut to `layers` if given)."""
-    if case.layers is None:
-        return load_model(case.model, DTYPES[case.dtype])
+    """The case's model in its dtype. A random:NAME shape is cut to `layers` if given, and its
+    position limit raised to the case's length if below it (random weights measure speed
+    only, which does not depend on the limit; say the smollm2-135m shape at 32k tokens)."""
     if not case.model.startswith(RANDOM_PREFIX):
-        raise SmartKVError(f"--layers needs a random:NAME model, not {case.model!r}")
+        if case.layers is not None:
+            raise SmartKVError(f"--layers needs a random:NAME model, not {case.model!r}")
+        return load_model(case.model, DTYPES[case.dtype])
     name = case.model.removeprefix(RANDOM_PREFIX)
-    model = random_model(name, DTYPES[case.dtype], num_layers=case.layers)
-    return LoadedModel(model, None, case.model)
+    length = case.context + case.new_tokens
+    changes = {"max_position": max(model_shape(name).max_position, length)}
+    if case.layers is not None:
+        changes["num_layers"] = case.layers
+    return LoadedModel(random_model(name, DTYPES[case.dtype], **changes), None, case.model)
 
 
 def book_prompts(tokenizer, n_rows: int, n_tokens: int, source=None) -> list[list[int]]:
@@ -97,28 +103,59 @@ def random_gates(m: LoadedModel) -> Gates:
     return init_gates(cfg, jax.random.PRNGKey(0))
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A "VmHWM:   123 kB"-style line of /proc/self/status in bytes (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Start the CPU's peak-resident count afresh from the current resident set (Linux:
+    /proc/self/clear_refs), so the peak read later is the case's own, not the model load's.
+    False where that cannot be done (an accelerator's peak is the device's, kept by XLA)."""
+    if jax.devices()[0].platform != "cpu":
+        return False
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_memory_bytes() -> int:
-    """Peak memory of this process so far: the device's peak bytes in use on an accelerator,
-    the peak resident set (weights, cache, activations and the runtime) on CPU."""
+    """Peak memory of this process: the device's peak bytes in use on an accelerator; on CPU
+    the peak resident set (weights, cache, activations and the runtime) since the last
+    `reset_peak_memory`, or since the process started where it could not be reset."""
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         stats = dev.memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str, Any]:
     """Time one case on `m` (compiled first, so prefill_s is the time to the first token of a
-    compiled program; compile_s apart). KV bytes: the keys and values the cache allocates."""
+    compiled program; compile_s apart). KV bytes: the keys and values the cache allocates.
+    peak_bytes: the peak while generating (the model's resident weights included, its loading
+    left out where the count can be reset: peak_reset); resident_before_bytes: the resident
+    set just before (CPU)."""
     from train.policy_names import parse_policy
 
     prompts = case_prompts(m, case)
     budget = None if case.policy == "full" else case.budget
     length = case.context + case.new_tokens
     policy = parse_policy(case.policy, m.cfg.num_layers, length, budget, case.calibrated)
+    gates = gates if gates is not None else random_gates(m)
+    before, reset = _proc_status_bytes("VmRSS"), reset_peak_memory()
     res = generate(
         m.model, prompts, case.new_tokens, policy=policy, stop_tokens=(), chunk=case.chunk,
-        gates=gates if gates is not None else random_gates(m),
+        gates=gates,
     )  # fmt: skip
     return {
         **dataclasses.asdict(case),
@@ -128,6 +165,8 @@ def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str
         "decode_tok_s": res.decode_tokens_per_s,
         "kv_bytes": res.cache.kv_bytes(),
         "peak_bytes": peak_memory_bytes(),
+        "peak_reset": reset,
+        "resident_before_bytes": before,
         "device": jax.devices()[0].device_kind,
     }
 

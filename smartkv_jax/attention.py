@@ -4,6 +4,7 @@ attention mass attention-scored policies rank by (docs/design.md: the cache, ker
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ import jax.numpy as jnp
 from pallas_kernels.decode_attention import decode_attention, reference_decode_attention
 
 from .cache import LayerCache
+
+CACHE_BLOCK = 256  # slots per block of a chunk's attention over the cache (see blocked_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,48 @@ class AttentionRule:
         return ok & (s > q - self.window) if self.window else ok
 
 
+def merge_attention(out_a, lse_a, out_b, lse_b) -> tuple[jax.Array, jax.Array]:
+    """Attention over two disjoint sets of keys as one: outputs [B, H, C, D] weighted by their
+    log-sum-exps [B, H, C] (-inf: the set was empty for that query)."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)[..., None]
+    w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)[..., None]
+    return w_a * out_a + w_b * out_b, lse
+
+
+def blocked_attention(
+    cache: LayerCache,
+    visible_pos_BKS: jax.Array,
+    q_BHCD: jax.Array,
+    pos_BC: jax.Array,
+    rule: AttentionRule,
+) -> tuple[jax.Array, jax.Array]:
+    """`reference_decode_attention` over the cache, CACHE_BLOCK slots at a time, skipping
+    (lax.cond) every block that holds no slot a query of the chunk can see, the rest merged by
+    their log-sum-exps: the same result up to float rounding. A chunked prefill finds most
+    of a large cache empty (the full cache, early chunks), so this halves its work."""
+    b, h, c, d = q_BHCD.shape
+    newest = jnp.max(pos_BC)
+    how = {"scale": rule.scale, "window": rule.window}
+
+    def step(carry, start):
+        part = partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=CACHE_BLOCK)
+        k, v, pos = part(cache.k, axis=2), part(cache.v, axis=2), part(visible_pos_BKS, axis=2)
+
+        def run(acc):
+            return merge_attention(
+                *acc, *reference_decode_attention(q_BHCD, k, v, pos, pos_BC, **how)
+            )
+
+        live = jnp.any((pos >= 0) & (pos <= newest))
+        return jax.lax.cond(live, run, lambda acc: acc, carry), None
+
+    init = (jnp.zeros((b, h, c, d), jnp.float32), jnp.full((b, h, c), -jnp.inf, jnp.float32))
+    starts = jnp.arange(0, cache.capacity, CACHE_BLOCK)
+    return jax.lax.scan(step, init, starts)[0]
+
+
 def attend(
     cache: LayerCache,
     visible_pos_BKS: jax.Array,
@@ -53,7 +98,8 @@ def attend(
     The cache part and the causal chunk part are computed separately and merged by their
     log-sum-exps, so the chunk never has to be copied into the cache first.
     kernels: "pallas" (the TPU decode-attention kernel), "interpret" (that kernel in Pallas
-    interpret mode) or "reference" (plain jnp).
+    interpret mode) or "reference" (plain jnp; a chunk of several queries over a cache of
+    several blocks goes block by block, `blocked_attention`).
     Returns (out_BHCD float32, lse_BHC float32); lse is -inf for padding queries.
     """
     b, h, c, d = q_BHCD.shape
@@ -61,7 +107,10 @@ def attend(
     g = h // kh
     args = (q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC)
     how = {"scale": rule.scale, "window": rule.window}
-    if kernels == "reference":
+    blocks = cache.capacity // CACHE_BLOCK
+    if kernels == "reference" and c > 1 and blocks > 1 and cache.capacity % CACHE_BLOCK == 0:
+        out_c, lse_c = blocked_attention(cache, visible_pos_BKS, q_BHCD, pos_BC, rule)
+    elif kernels == "reference":
         out_c, lse_c = reference_decode_attention(*args, **how)
     else:
         out_c, lse_c = decode_attention(*args, **how, interpret=kernels == "interpret")
@@ -72,13 +121,7 @@ def attend(
     safe_n = jnp.where(jnp.isfinite(lse_n), lse_n, 0.0)
     p_n = jnp.exp(logits - safe_n[..., None])
     out_n = jnp.einsum("bkgqc,bkcd->bkgqd", p_n, v_BKCD.astype(jnp.float32))
-    lse_n = lse_n.reshape(b, h, c)
-    out_n = out_n.reshape(b, h, c, d)
-    lse = jnp.logaddexp(lse_c, lse_n)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w_c = jnp.where(jnp.isfinite(lse_c), jnp.exp(lse_c - safe), 0.0)[..., None]
-    w_n = jnp.where(jnp.isfinite(lse_n), jnp.exp(lse_n - safe), 0.0)[..., None]
-    return w_c * out_c + w_n * out_n, lse
+    return merge_attention(out_c, lse_c, out_n.reshape(b, h, c, d), lse_n.reshape(b, h, c))
 
 
 def attention_mass(

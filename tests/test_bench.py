@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from eval import bench_accelerator
+from eval.bench_case import Case, case_model
+from smartkv_jax.errors import SmartKVError
 
 # what `python -m eval.bench_accelerator` must run without (an accelerator host has JAX, flax,
 # optax, orbax and transformers; the benchmark needs none of the last two either)
@@ -19,6 +21,8 @@ NOT_IMPORTED = ("torch", "transformers", "gguf", "datasets", "pandas", "matplotl
 _RUN = """
 import json, sys
 from eval import bench_accelerator
+from eval.bench_case import Case, case_model
+from smartkv_jax.errors import SmartKVError
 rows = bench_accelerator.main(sys.argv[1:])
 print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
 """
@@ -47,6 +51,8 @@ def test_accelerator_benchmark_measures_every_case(tiny_run):
         assert c["prefill_s"] > 0 and c["compile_s"] > 0 and c["decode_tok_s"] > 0
         assert c["prefill_tok_s"] == pytest.approx(c["batch"] * 640 / c["prefill_s"])
         assert c["peak_bytes"] > c["kv_bytes"] > 0
+        # on this CPU the peak counts from just before the case, not from the model's load
+        assert c["peak_reset"] and c["peak_bytes"] >= c["resident_before_bytes"]
     full, hybrid = cases[(2, "full")], cases[(2, "hybrid")]
     # 6 layers x 3 KV heads x 64 dims x (k, v) x 4 bytes per slot; the full cache holds the
     # prompt and the new tokens rounded up to a multiple of 256 slots
@@ -85,3 +91,12 @@ def test_bad_arguments_are_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         bench_accelerator.main(["--new-tokens", "1"])
     assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_random_shapes_take_the_case_length_and_real_models_refuse_layers():
+    m = case_model(Case("random:smollm2-135m", 9000, 1, new_tokens=32, layers=1))
+    assert m.cfg.max_position == 9032 and m.cfg.num_layers == 1 and m.tokenizer is None
+    short = case_model(Case("random:smollm2-135m", 100, 1, layers=1))
+    assert short.cfg.max_position == 8192  # the shape's own limit when the case fits
+    with pytest.raises(SmartKVError, match="--layers needs a random:NAME model"):
+        case_model(Case("smollm2", 100, 1, layers=1))
