@@ -84,7 +84,8 @@ def summary_line(row: dict[str, Any]) -> str:
     return (
         f"{what}: compile {row['compile_s']:.1f} s, prefill {row['prefill_s']:.2f} s "
         f"({row['prefill_tok_s']:.0f} tok/s), decode {row['decode_tok_s']:.1f} tok/s, "
-        f"KV {row['kv_bytes'] / 2**30:.2f} GiB, peak so far {row['peak_bytes'] / 2**30:.2f} GiB"
+        f"KV {row['kv_bytes'] / 2**30:.2f} GiB, peak so far {row['peak_bytes'] / 2**30:.2f} GiB, "
+        f"prefill step (XLA) {(row['step_bytes'] or 0) / 2**30:.2f} GiB"
     )
 
 

@@ -15,7 +15,9 @@ use on an accelerator).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
 import json
 import resource
 import subprocess
@@ -25,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from smartkv_jax.convert import DTYPES, LoadedModel, load_model
 from smartkv_jax.data import read_text, text_files
@@ -117,12 +120,16 @@ def _proc_status_bytes(field: str) -> int | None:
 def reset_peak_memory() -> bool:
     """Start the CPU's peak-resident count afresh from the current resident set (Linux:
     /proc/self/clear_refs), so the peak read later is the case's own, not the model load's.
+    Memory freed since (the model's staging buffers) is first handed back to the system
+    (glibc's malloc_trim), so the case cannot hide its own growth by reusing it.
     False where that cannot be done (an accelerator's peak is the device's, kept by XLA)."""
     if jax.devices()[0].platform != "cpu":
         return False
+    gc.collect()
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+    except (OSError, AttributeError):
         return False
     return True
 
@@ -139,12 +146,28 @@ def peak_memory_bytes() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _step_bytes(m: LoadedModel, res) -> dict[str, int | None]:
+    """weights_bytes, cache_bytes, prefill_temp_bytes and their sum step_bytes (see run_case)."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(m.model, nnx.Param)))
+    cache, temp = res.cache.nbytes(), res.prefill_temp_bytes
+    step = None if temp is None else weights + cache + temp
+    return {
+        "weights_bytes": weights,
+        "cache_bytes": cache,
+        "prefill_temp_bytes": temp,
+        "step_bytes": step,
+    }
+
+
 def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str, Any]:
     """Time one case on `m` (compiled first, so prefill_s is the time to the first token of a
     compiled program; compile_s apart). KV bytes: the keys and values the cache allocates.
     peak_bytes: the peak while generating (the model's resident weights included, its loading
-    left out where the count can be reset: peak_reset); resident_before_bytes: the resident
-    set just before (CPU)."""
+    left out where the count can be reset: peak_reset; on CPU XLA's compiling counts too);
+    resident_before_bytes: the resident set just before (CPU). step_bytes: what one prefill
+    chunk step holds at once by XLA's accounting: weights_bytes, cache_bytes (keys, values,
+    slot positions and scores) and prefill_temp_bytes, its working memory (None where XLA
+    gives no analysis)."""
     from train.policy_names import parse_policy
 
     prompts = case_prompts(m, case)
@@ -152,7 +175,8 @@ def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str
     length = case.context + case.new_tokens
     policy = parse_policy(case.policy, m.cfg.num_layers, length, budget, case.calibrated)
     gates = gates if gates is not None else random_gates(m)
-    before, reset = _proc_status_bytes("VmRSS"), reset_peak_memory()
+    reset = reset_peak_memory()
+    before = _proc_status_bytes("VmRSS")
     res = generate(
         m.model, prompts, case.new_tokens, policy=policy, stop_tokens=(), chunk=case.chunk,
         gates=gates,
@@ -164,6 +188,7 @@ def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str
         "prefill_tok_s": case.batch * case.context / max(res.prefill_s, 1e-9),
         "decode_tok_s": res.decode_tokens_per_s,
         "kv_bytes": res.cache.kv_bytes(),
+        **_step_bytes(m, res),
         "peak_bytes": peak_memory_bytes(),
         "peak_reset": reset,
         "resident_before_bytes": before,

@@ -8,7 +8,9 @@ vs transformers' PyTorch generate (full cache), same model, same CPU.
                                 --no-torch             (random weights of a real shape)
 
 Each (context, batch, policy) runs in a process of its own (eval/bench_case.py), so its peak
-memory (resident set: weights, cache, activations, runtime) is that case's alone. Prompts are
+memory (resident set: weights, cache, activations, runtime, and XLA compiling the programs)
+is that case's alone; "step MiB" is XLA's own accounting of one prefill chunk step (weights,
+cache and the step's working memory), free of the runtime and the compiler. Prompts are
 real text (the shared books), one offset per batch row; random token ids for random models.
 Prefill: time to the first token of a compiled program (compile time is reported apart);
 PyTorch's: from the call to its first sampled token. Decode rate: batch x (new_tokens - 1)
@@ -150,10 +152,14 @@ def _table_head(policies: list[str]) -> list[str]:
     head = ["context", "batch", "torch prefill s", "torch tok/s"]
     for name in policies:
         head += [f"{name} prefill s", f"{name} prefill vs torch", f"{name} tok/s"]
-        head += [f"{name} / torch", f"{name} KV MiB", f"{name} peak MiB"]
+        head += [f"{name} / torch", f"{name} KV MiB", f"{name} peak MiB", f"{name} step MiB"]
         if name != base:
             head += [f"{name} / {base} speed", f"{name} / {base} KV"]
     return head
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
 
 
 def _table_cells(r: dict, policies: list[str]) -> list[str]:
@@ -167,6 +173,7 @@ def _table_cells(r: dict, policies: list[str]) -> list[str]:
         cells += [f"{c['prefill_s']:.2f}", f"{r['torch_prefill_s'] / c['prefill_s']:.2f}x"]
         cells += [f"{c['decode_tok_s']:.1f}", f"{c['decode_tok_s'] / r['torch_tok_s']:.2f}x"]
         cells += [f"{c['kv_bytes'] / 2**20:.1f}", f"{c['peak_bytes'] / 2**20:.0f}"]
+        cells += [_mib(c["step_bytes"])]
         if name != policies[0]:
             cells += [
                 f"{c['decode_tok_s'] / base['decode_tok_s']:.2f}x",

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -32,6 +33,7 @@ from smartkv_jax.policy_table import PolicyConfig
 from train.policy_names import parse_policy
 
 from .needle import chat_turn, resolve_format
+from .perplexity import oracle_scores
 from .result_store import ResultStore
 from .ruler_scoring import score
 from .ruler_tasks import TASKS, RulerSample, make_sample
@@ -182,26 +184,38 @@ class RulerRun:
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         prefill_s = time.perf_counter() - t0
         views = context_views(self.model, ctx, self.gates)
+        oracle = self._oracle(context, question)
         room = max(len(question) + max_new, length - len(context)) + 16
         answers, memory = {}, {}
         for budget in sorted({m for _, m in self.settings.cells()}):
             cells = [(p, m) for p, m in self.settings.cells() if m == budget]
             policies = [self.policy(p, m, len(context)) for p, m in cells]
-            packed = compress(self.model, ctx, policies, room, views)
+            packed = compress(self.model, ctx, policies, room, views, oracle)
             res = answer(self.model, packed, len(context), question, max_new)
             keys = [cell_key(p, m) for p, m in cells]
             memory.update(zip(keys, packed.memory_fractions().tolist()))
             answers.update(zip(keys, res.tokens))
         return answers, memory, prefill_s
 
+    def _oracle(self, context, question) -> np.ndarray | None:
+        """True log4 lifespans [L, K, T] of the sample's context and question keys (attention
+        threshold 0.05, from a full-cache pass over both), when a cell's policy is the
+        oracle; None otherwise."""
+        cells = self.settings.cells()
+        if not any(self.policy(p, m, len(context)).needs_oracle for p, m in cells):
+            return None
+        return oracle_scores(self.model, [*context, *question])
+
     def _streaming(self, context, question, max_new):
         answers, memory, prefill_s = {}, {}, 0.0
         windows = self.model.cfg.layer_windows
+        oracle = self._oracle(context, question)
+        aux = None if oracle is None else {"oracle": jnp.asarray(oracle)[:, None]}
         for p, m in self.settings.cells():
             policy = self.policy(p, m, len(context))
             res = generate(
                 self.model, [question], max_new, policy=policy, gates=self.gates,
-                context=[context], chunk=self.settings.chunk,
+                context=[context], chunk=self.settings.chunk, aux=aux,
             )  # fmt: skip
             answers[cell_key(p, m)] = res.tokens[0]
             memory[cell_key(p, m)] = policy.memory_fraction(len(context), windows)

@@ -8,10 +8,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from pallas_kernels.decode_attention import decode_attention, reference_decode_attention
 
 from .cache import LayerCache
+from .sharding import on_each_shard
 
 CACHE_BLOCK = 256  # slots per block of a chunk's attention over the cache (see blocked_attention)
 
@@ -59,16 +61,22 @@ def blocked_attention(
     rule: AttentionRule,
 ) -> tuple[jax.Array, jax.Array]:
     """`reference_decode_attention` over the cache, CACHE_BLOCK slots at a time, skipping
-    (lax.cond) every block that holds no slot a query of the chunk can see, the rest merged by
-    their log-sum-exps: the same result up to float rounding. A chunked prefill finds most
-    of a large cache empty (the full cache, early chunks), so this halves its work."""
+    (lax.cond) every block that holds no slot a query of the chunk can see, the rest (and a
+    last partial block, when the capacity is not a multiple of CACHE_BLOCK) merged by their
+    log-sum-exps: the same result up to float rounding. A chunked prefill finds most of a
+    large cache empty (the full cache, early chunks), so this halves its work; and the chunk's
+    logits never exist for more than one block ([B, H, C, CACHE_BLOCK]), so the memory a
+    chunk step needs stays near the cache's own."""
     b, h, c, d = q_BHCD.shape
     newest = jnp.max(pos_BC)
     how = {"scale": rule.scale, "window": rule.window}
 
-    def step(carry, start):
-        part = partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=CACHE_BLOCK)
-        k, v, pos = part(cache.k, axis=2), part(cache.v, axis=2), part(visible_pos_BKS, axis=2)
+    def block(start, size):  # (k, v [B, K, size, D], visible positions [B, K, size])
+        part = partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=size)
+        return part(cache.k, axis=2), part(cache.v, axis=2), part(visible_pos_BKS, axis=2)
+
+    def step(acc, start):
+        k, v, pos = block(start, CACHE_BLOCK)
 
         def run(acc):
             return merge_attention(
@@ -76,11 +84,15 @@ def blocked_attention(
             )
 
         live = jnp.any((pos >= 0) & (pos <= newest))
-        return jax.lax.cond(live, run, lambda acc: acc, carry), None
+        return jax.lax.cond(live, run, lambda acc: acc, acc), None
 
     init = (jnp.zeros((b, h, c, d), jnp.float32), jnp.full((b, h, c), -jnp.inf, jnp.float32))
-    starts = jnp.arange(0, cache.capacity, CACHE_BLOCK)
-    return jax.lax.scan(step, init, starts)[0]
+    whole = cache.capacity - cache.capacity % CACHE_BLOCK
+    acc = jax.lax.scan(step, init, jnp.arange(0, whole, CACHE_BLOCK))[0]
+    if whole == cache.capacity:
+        return acc
+    tail = reference_decode_attention(q_BHCD, *block(whole, cache.capacity - whole), pos_BC, **how)
+    return merge_attention(*acc, *tail)
 
 
 def attend(
@@ -92,6 +104,7 @@ def attend(
     pos_BC: jax.Array,
     rule: AttentionRule,
     kernels: str = "reference",
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of a chunk of C new queries over the cache plus the chunk's own keys.
 
@@ -99,7 +112,8 @@ def attend(
     log-sum-exps, so the chunk never has to be copied into the cache first.
     kernels: "pallas" (the TPU decode-attention kernel), "interpret" (that kernel in Pallas
     interpret mode) or "reference" (plain jnp; a chunk of several queries over a cache of
-    several blocks goes block by block, `blocked_attention`).
+    more than one block goes block by block, `blocked_attention`). mesh: the cache's; a
+    Pallas kernel then runs on each device's rows and heads (`sharding.on_each_shard`).
     Returns (out_BHCD float32, lse_BHC float32); lse is -inf for padding queries.
     """
     b, h, c, d = q_BHCD.shape
@@ -107,13 +121,15 @@ def attend(
     g = h // kh
     args = (q_BHCD, cache.k, cache.v, visible_pos_BKS, pos_BC)
     how = {"scale": rule.scale, "window": rule.window}
-    blocks = cache.capacity // CACHE_BLOCK
-    if kernels == "reference" and c > 1 and blocks > 1 and cache.capacity % CACHE_BLOCK == 0:
+    if kernels == "reference" and c > 1 and cache.capacity > CACHE_BLOCK:
         out_c, lse_c = blocked_attention(cache, visible_pos_BKS, q_BHCD, pos_BC, rule)
     elif kernels == "reference":
         out_c, lse_c = reference_decode_attention(*args, **how)
     else:
-        out_c, lse_c = decode_attention(*args, **how, interpret=kernels == "interpret")
+        kernel = partial(decode_attention, **how, interpret=kernels == "interpret")
+        if mesh is not None:
+            kernel = on_each_shard(kernel, mesh, b, kh)
+        out_c, lse_c = kernel(*args)
     qg = q_BHCD.reshape(b, kh, g, c, d)
     logits = rule.logits(qg, k_BKCD, "bkgqd,bkcd->bkgqc")
     logits = jnp.where(rule.chunk_mask(pos_BC)[:, None, None], logits, -jnp.inf)

@@ -45,19 +45,23 @@ class LayerCache:
 
 
 @partial(
-    jax.tree_util.register_dataclass, data_fields=["groups"], meta_fields=["bounds", "kernels"]
+    jax.tree_util.register_dataclass,
+    data_fields=["groups"],
+    meta_fields=["bounds", "kernels", "mesh"],
 )
 @dataclasses.dataclass
 class KVCache:
     """All layers' caches: `groups[g]` stacks layers bounds[g][0] .. bounds[g][1]-1.
 
     kernels: "pallas", "interpret" or "reference", how attention over this cache runs
-    (static: a jitted step compiles once per choice; see kernels.py).
+    (static: a jitted step compiles once per choice; see kernels.py). mesh: the mesh the
+    cache lies on (None: one device); a Pallas kernel runs on each device's shard of it.
     """
 
     groups: tuple[LayerCache, ...]
     bounds: tuple[tuple[int, int], ...]
     kernels: str = "reference"
+    mesh: Mesh | None = None
 
     def nbytes(self) -> int:
         """Total bytes of every cache array (k, v, pos and score)."""
@@ -105,7 +109,7 @@ def init_cache(
             )
         )
         bounds.append((start, end))
-    return KVCache(groups=tuple(groups), bounds=tuple(bounds), kernels=resolve_kernels(kernels))
+    return KVCache(tuple(groups), tuple(bounds), resolve_kernels(kernels), mesh)
 
 
 def choose_slots(

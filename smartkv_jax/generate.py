@@ -39,7 +39,9 @@ class GenerationResult:
     compiling the prefill's chunk step ahead of time (`_compile_prefill`) plus the decode
     loop's zero-step warm-up call; near 0 when a program of the same shapes ran before. On
     CPU, XLA finishes some code generation on a program's first run, which stays in
-    prefill_s."""
+    prefill_s. prefill_temp_bytes: the working memory of one prefill chunk step beyond its
+    inputs and outputs (weights, cache), by XLA's own accounting (None where the backend
+    gives none)."""
 
     tokens: list[list[int]]
     prefill_s: float
@@ -48,6 +50,7 @@ class GenerationResult:
     cache: KVCache
     probes: list[Any] | None = None
     compile_s: float = 0.0
+    prefill_temp_bytes: int | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -259,10 +262,11 @@ def _compile_prefill(
     chunk: int,
     aux: dict[str, Any] | None,
     probe: Probe | None,
-) -> float:
+) -> tuple[float, int | None]:
     """Seconds spent tracing and compiling `prefill`'s chunk step ahead of time, on inputs
-    placed as `prefill` places them ([rows, chunk] tokens and positions, [rows] columns);
-    jax keeps the program, so the prefill runs it without compiling."""
+    placed as `prefill` places them ([rows, chunk] tokens and positions, [rows] columns),
+    and the step's temporary bytes (XLA's memory analysis; None where there is none); jax
+    keeps the program, so the prefill runs it without compiling."""
     mesh = model_mesh(model)
     ids_BC = put_batch(np.zeros((rows, chunk), np.int32), mesh)
     select_B = put_batch(np.zeros(rows, np.int32), mesh)
@@ -271,8 +275,10 @@ def _compile_prefill(
     lowered = chunk_step.lower(
         graph, state, policy, ids_BC, ids_BC, cache, aux, select_B=select_B, probe=probe
     )
-    lowered.compile()
-    return time.perf_counter() - t0
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    return seconds, None if memory is None else int(memory.temp_size_in_bytes)
 
 
 def continue_generation(
@@ -297,7 +303,9 @@ def continue_generation(
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     n_out = _pow2_at_least(max_new_tokens)
     model = model.regroup(cache.bounds)  # once, for the compile, the prefill and the decode
-    compile_s = _compile_prefill(model, policy, cache, len(segments[0]), chunk, aux, probe)
+    compile_s, temp_bytes = _compile_prefill(
+        model, policy, cache, len(segments[0]), chunk, aux, probe
+    )
     t0 = time.perf_counter()
     logits, cache, probes = prefill(model, policy, segments, cache, chunk, aux, probe, start_B)
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
@@ -327,4 +335,6 @@ def continue_generation(
     steps = int(state.step)
     tokens = _cut_at_stop(out, steps, stops)
     compile_s += t2 - t1
-    return GenerationResult(tokens, t1 - t0, t3 - t2, steps, state.cache, probes or None, compile_s)
+    return GenerationResult(
+        tokens, t1 - t0, t3 - t2, steps, state.cache, probes or None, compile_s, temp_bytes
+    )

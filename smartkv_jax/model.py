@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from . import cache as kvcache
 from .attention import AttentionRule, attend
@@ -211,6 +212,7 @@ class LayerStack(nnx.Module):
         aux: Any,
         inv_freq: jax.Array,
         kernels: str,
+        mesh: Mesh | None,
         probe: Probe | None,
     ) -> tuple[jax.Array, LayerUpdate, Any]:
         """One layer over a chunk, reading its cache `lc` under `policy` (aux: the layer's
@@ -223,7 +225,7 @@ class LayerStack(nnx.Module):
         t_B = jnp.max(pos_BC, axis=1)  # newest position of each row after this chunk
         visible = policy.visible(lc.pos, lc.score, t_B)
         rule = AttentionRule(cfg.scale, policy.window)
-        out, lse = attend(lc, visible, q, k, v, pos_BC, rule, kernels)
+        out, lse = attend(lc, visible, q, k, v, pos_BC, rule, kernels, mesh)
         out = out.astype(x_BCE.dtype).transpose(0, 2, 1, 3).reshape(b, c, -1) @ self.wo[...]
         x = x_BCE + (self._norm(out, "post_attn_norm") if cfg.sandwich_norms else out)
         x = x + self._mlp(x)
@@ -338,9 +340,11 @@ class Transformer(nnx.Module):
 
             inv_freq = self.inv_freq(p.window)
 
-            def body(x, layer, p=p, kernels=cache.kernels, inv_freq=inv_freq):
+            def body(x, layer, p=p, inv_freq=inv_freq):
                 weights, lc_one, aux_one = layer
-                x, update, probed = weights(x, pos_BC, lc_one, p, aux_one, inv_freq, kernels, probe)
+                x, update, probed = weights(
+                    x, pos_BC, lc_one, p, aux_one, inv_freq, cache.kernels, cache.mesh, probe
+                )
                 return x, (update, probed)
 
             # The scan only reads the cache; the new rows are scattered afterwards, in place,

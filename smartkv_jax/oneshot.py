@@ -220,10 +220,12 @@ def compress(
     policies: Sequence[PolicyConfig],
     room: int,
     views: Sequence[ContextView | None],
+    oracle_LKT: np.ndarray | None = None,
 ) -> Compressed:
     """One row per policy (each resolved at the context's length): its global layers keep
     what it ranks best (`views`: from `context_views`), each with `room` free slots for the
-    question and answer."""
+    question and answer. oracle_LKT: true log4 lifespans [L, K, T] (T >= the context's
+    length) of the sample, which oracle layers rank by."""
     cfg = model.cfg
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
     layers = []
@@ -234,7 +236,12 @@ def compress(
         caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
         size = -(-(max(caps) + room) // SIZE_STEP) * SIZE_STEP
         packed = [
-            _kept(dataclasses.replace(r.layers[i], capacity=None), size, jnp.int32(c), view)
+            _kept(
+                dataclasses.replace(r.layers[i], capacity=None),
+                size,
+                jnp.int32(c),
+                _view_for(r.layers[i], view, oracle_LKT, i),
+            )
             for r, c in zip(rows, caps)
         ]
         layers.append(packed)
@@ -247,6 +254,16 @@ def compress(
     table = _decode_table(ctx.policy, layers)
     cache = place_cache(_stack_rows(cfg, table, layers, model.dtype), model_mesh(model))
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
+
+
+def _view_for(policy, view: ContextView, oracle_LKT: np.ndarray | None, layer: int):
+    """`view` as layer `layer`'s policy reads it: an oracle layer's aux is the sample's true
+    lifespans [1, K, T] of that layer (the shared views carry the gates)."""
+    if policy.needs != "oracle":
+        return view
+    if oracle_LKT is None:
+        raise ValueError(f"policy {policy.kind!r} needs the sample's true lifespans (oracle_LKT)")
+    return dataclasses.replace(view, aux=jnp.asarray(oracle_LKT[layer], jnp.float32)[None])
 
 
 def _decode_table(context_policy: PolicyConfig, layers: list[list[LayerCache]]) -> PolicyConfig:

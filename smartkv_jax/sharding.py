@@ -262,3 +262,20 @@ def put_replicated(x, mesh: Mesh | None) -> jax.Array:
     """`x` as a jax.Array on every device of the mesh (a loop's step count, a PRNG key); on
     the default device without a mesh."""
     return jnp.asarray(x) if mesh is None else jax.device_put(x, replicated(mesh))
+
+
+def on_each_shard(kernel, mesh: Mesh, batch: int, kv_heads: int):
+    """`kernel(q_BHCD, k_BKSD, v_BKSD, slot_pos_BKS, pos_BC) -> (out_BHCD, lse_BHC)` run by
+    every device on its own rows and heads (jax.shard_map), as a Pallas kernel must be: XLA
+    cannot split a custom call itself. Rows split over "data" and KV heads (with their query
+    heads) over "model" where they divide, as `put_batch` and `cache_sharding` place them."""
+    rows = fitted_sharding(mesh, ("batch",), (batch,)).spec[0]
+    heads = fitted_sharding(mesh, ("kv_heads",), (kv_heads,)).spec[0]
+    q, kv, slots = P(rows, heads, None, None), P(rows, heads, None, None), P(rows, heads, None)
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(q, kv, kv, slots, P(rows, None)),
+        out_specs=(q, P(rows, heads, None)),
+        check_vma=False,
+    )

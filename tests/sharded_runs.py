@@ -2,7 +2,8 @@
 
 XLA_FLAGS (the device count) must be set before jax starts, so the test runs this module in
 a subprocess (`python -m tests.sharded_runs`); it prints one JSON object: per case the greedy
-tokens of both runs, the largest float32 differences and the shardings that were used.
+tokens of both runs, the largest float32 differences and the shardings that were used; and
+the Pallas kernel path (interpret mode) on a mesh against the one-device reference.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import jax
 import numpy as np
 
 from eval.perplexity import streaming_nll
+from smartkv_jax import attention
 from smartkv_jax import sharding as shd
 from smartkv_jax.cache import init_cache
 from smartkv_jax.gates import GateConfig, init_gates
 from smartkv_jax.generate import generate, prefill
 from smartkv_jax.model import Transformer
 from smartkv_jax.policy_table import PolicyConfig, make_policy
+from smartkv_jax.sharding import on_each_shard
 
 from .conftest import tiny_config
 
@@ -131,11 +134,40 @@ def compare_perplexity() -> dict:
     return {"nll_diff": float(np.max(np.abs(nll - ref))), "nll": float(nll.mean()), "k": _spec(k)}
 
 
+def compare_kernel(mesh: tuple[int, int]) -> dict:
+    """The hybrid's prefill with the Pallas decode-attention kernel (interpret mode) on a mesh
+    against the one-device jnp reference; counts the shard_map wrappings of the kernel."""
+    wrapped = []
+
+    def counting(kernel, *args):
+        wrapped.append(args)
+        return on_each_shard(kernel, *args)
+
+    attention.on_each_shard = counting
+    try:
+        model = _model(4, 8, mesh)
+        resolved = make_policy("hybrid", LAYERS, 128, 0.5).resolve(256, model.cfg.layer_windows)
+        gates = _gates(model)
+        cache = init_cache(
+            model.cfg, resolved, len(PROMPTS), kernels="interpret", mesh=shd.model_mesh(model)
+        )
+        logits, cache, _ = prefill(model, resolved, [PROMPTS], cache, CHUNK, {"gates": gates})
+    finally:
+        attention.on_each_shard = on_each_shard
+    ref = _reference(4, 8, "hybrid")
+    return {
+        "logits_diff": _max_diff(logits, ref["logits"]),
+        "prefilled": _cache_diffs(cache.groups[0], ref["prefilled"]),
+        "wrapped": len(wrapped),
+    }
+
+
 def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     out = {"devices": jax.device_count(), "default_mesh": shd.mesh_shape(shd.inference_mesh())}
     out["cases"] = {name: compare_case(*case) for name, case in CASES.items()}
     out["perplexity"] = compare_perplexity()
+    out["kernel"] = {f"{d}x{m}": compare_kernel((d, m)) for d, m in ((2, 4), (1, 8))}
     print(json.dumps(out))
 
 

@@ -28,10 +28,13 @@ def _cache(rng, b, k, s, d, filled, shuffle=True):
 
 
 @pytest.mark.parametrize("window", [0, 300])
-def test_blocked_attention_equals_the_reference(window):
+@pytest.mark.parametrize("tail", [0, 40])
+def test_blocked_attention_equals_the_reference(window, tail):
+    """Whole blocks and, with `tail`, a last partial block, which row 1's shuffled slots
+    reach."""
     rng = np.random.default_rng(0)
-    b, h, k, s, d, c = 2, 4, 2, 3 * CACHE_BLOCK, 16, 8
-    cache = _cache(rng, b, k, s, d, filled=CACHE_BLOCK + 40)  # the last block stays empty
+    b, h, k, s, d, c = 2, 4, 2, 3 * CACHE_BLOCK + tail, 16, 8
+    cache = _cache(rng, b, k, s, d, filled=CACHE_BLOCK + 40)
     q = jnp.asarray(rng.normal(size=(b, h, c, d)).astype(np.float32))
     pos = np.tile(np.arange(CACHE_BLOCK + 40, CACHE_BLOCK + 40 + c), (b, 1)).astype(np.int32)
     pos[1, -2:] = -1  # padding queries
@@ -51,14 +54,15 @@ def test_blocked_attention_equals_the_reference(window):
 
 
 def test_attend_gives_the_same_result_by_either_path():
-    """A chunk over a cache of several blocks goes block by block; one of a capacity that is
-    not a multiple of the block in one pass; both equal the reference merge."""
+    """A chunk over a cache of more than one block goes block by block (whole blocks, or
+    whole blocks and a partial one), a smaller cache in one pass; all equal the reference
+    merge."""
     rng = np.random.default_rng(1)
     b, h, k, d, c = 2, 4, 2, 16, 8
     rule = AttentionRule(scale=d**-0.5)
     q = jnp.asarray(rng.normal(size=(b, h, c, d)).astype(np.float32))
     kv_new = jnp.asarray(rng.normal(size=(2, b, k, c, d)).astype(np.float32))
-    for s in (2 * CACHE_BLOCK, 2 * CACHE_BLOCK + 8):
+    for s in (2 * CACHE_BLOCK, 2 * CACHE_BLOCK + 8, CACHE_BLOCK - 8):
         cache = _cache(rng, b, k, s, d, filled=200, shuffle=False)
         pos = jnp.asarray(np.tile(np.arange(200, 200 + c), (b, 1)).astype(np.int32))
         out, lse = attend(cache, cache.pos, q, kv_new[0], kv_new[1], pos, rule)

@@ -53,6 +53,11 @@ def test_accelerator_benchmark_measures_every_case(tiny_run):
         assert c["peak_bytes"] > c["kv_bytes"] > 0
         # on this CPU the peak counts from just before the case, not from the model's load
         assert c["peak_reset"] and c["peak_bytes"] >= c["resident_before_bytes"]
+        # XLA's accounting of a prefill step: weights, the cache (keys and values, 512 bytes a
+        # slot and head, plus 8 of position and score) and the step's own working memory
+        assert c["cache_bytes"] * 512 == c["kv_bytes"] * 520 and c["prefill_temp_bytes"] > 0
+        parts = c["weights_bytes"] + c["cache_bytes"] + c["prefill_temp_bytes"]
+        assert c["step_bytes"] == parts
     full, hybrid = cases[(2, "full")], cases[(2, "hybrid")]
     # 6 layers x 3 KV heads x 64 dims x (k, v) x 4 bytes per slot; the full cache holds the
     # prompt and the new tokens rounded up to a multiple of 256 slots
@@ -60,6 +65,8 @@ def test_accelerator_benchmark_measures_every_case(tiny_run):
     assert full["kv_bytes"] == 2 * slot_bytes * 768  # 2 rows
     # the hybrid holds 25% of the 644 tokens' full cache
     assert hybrid["kv_bytes"] / (2 * slot_bytes * 644) == pytest.approx(0.25, abs=0.005)
+    assert full["weights_bytes"] == hybrid["weights_bytes"] > 0
+    assert hybrid["step_bytes"] < full["step_bytes"]
     assert report["backend"] == "cpu" and report["wall_s"] > 0
 
 

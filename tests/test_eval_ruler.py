@@ -17,7 +17,7 @@ from smartkv_jax.model import Transformer
 
 from .test_eval_needle import CFG, CharTokenizer
 
-POLICIES = ["full", "window", "expected", "pyramidkv"]
+POLICIES = ["full", "window", "expected", "pyramidkv", "oracle"]
 
 
 @pytest.fixture

@@ -88,3 +88,22 @@ def test_every_row_keeps_its_budget(setup, kind):
         assert {0, 1, 2, 3} <= set(pos[0].tolist()) or kind in ("tova", "adakv")
     out = answer(model, packed, T, question, 4, stop_tokens=()).tokens[0]
     assert len(out) == 4
+
+
+def test_oracle_keeps_the_keys_the_sample_will_use(setup):
+    """The oracle ranks the context by the sample's true lifespans: positions given a long
+    life are kept (with the sinks and the recent window), the budget holds, and it refuses to
+    run without the lifespans."""
+    model, _, question, ctx = setup
+    oracle = make_policy("oracle", CFG.num_layers, T, 0.25)
+    life_LKT = np.zeros((CFG.num_layers, CFG.num_kv_heads, T + len(question)), np.float32)
+    planted = [40, 41, 97, 150, 151, 152, 203]
+    life_LKT[:, 0, planted] = 6.0  # head 0 of every layer: keys the question will read
+    packed = compress(model, ctx, [oracle], 16, context_views(model, ctx), life_LKT)
+    np.testing.assert_array_equal(packed.kept_RL, CFG.num_kv_heads * 75)
+    for layer in range(CFG.num_layers):
+        pos = np.asarray(_layer_cache(packed.cache, layer).pos)[0]  # [K, S]
+        assert set(planted) <= set(pos[0].tolist()) and {0, 1, 2, 3} <= set(pos[0].tolist())
+        assert not set(planted) <= set(pos[1].tolist())  # head 1's lifespans are all zero
+    with pytest.raises(ValueError, match="oracle_LKT"):
+        compress(model, ctx, [oracle], 16, context_views(model, ctx))

@@ -1,6 +1,6 @@
 """Sharded inference (smartkv_jax/sharding.py): on 8 forced CPU devices, generation, the
 prefill and exact perplexity on a ("data", "model") mesh equal the one-device runs, with the
-weights and caches really split; and the --mesh flag.
+weights and caches really split, the Pallas kernel path included; and the --mesh flag.
 
 The device count must be set before jax starts, so the 8-device runs happen in subprocesses
 (tests/sharded_runs.py, and the CLI). XLA's CPU backend optimisations are turned off there:
@@ -120,6 +120,17 @@ def test_exact_perplexity_sharded_matches_one_device(runs):
     ppl = runs["perplexity"]
     assert ppl["nll_diff"] < 1e-4 and 2.0 < ppl["nll"] < 6.0  # ~log(50): random weights
     assert ppl["k"] == [None, "data", "model", None, None]
+
+
+@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
+def test_pallas_kernel_runs_per_shard_and_matches_one_device(runs, mesh):
+    """On a TPU mesh the decode-attention kernel runs on each device's rows and heads
+    (shard_map: once per layer group in the traced prefill step); 4 KV heads split over
+    model=4 and are replicated over model=8."""
+    run = runs["kernel"][mesh]
+    assert run["wrapped"] >= 1
+    assert run["logits_diff"] < 1e-4
+    assert run["prefilled"]["pos_equal"] and run["prefilled"]["k"] < 1e-4
 
 
 def test_mesh_flag_values():
