@@ -43,6 +43,9 @@ PG19_DATASET = "emozilla/pg19-test"  # the PG-19 test split as parquet (text col
 HUB_HOST = "huggingface.co"
 DEFAULT_TOKENS = 8192  # SmolLM2's context
 DEFAULT_BOOKS = 6
+# the oracle's lifespan pass runs in chunks of this many tokens, padded to a multiple of it,
+# so sequences of different lengths (RULER samples) share its compiled programs
+ORACLE_CHUNK = 512
 
 
 # ----------------------------------------------------------------------------- text
@@ -217,10 +220,6 @@ def streaming_nll(
     return nll_BT[:, : t - 1].astype(np.float32), cache
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
 def oracle_scores(model: Transformer, tokens_T: Sequence[int], tau: float = 0.05) -> np.ndarray:
     """True log4(1 + lifespan) [L, K, T] (float32) of every key of one sequence: the scores
     of the oracle policy. Lifespans come from a full-cache pass over the sequence itself
@@ -228,10 +227,10 @@ def oracle_scores(model: Transformer, tokens_T: Sequence[int], tau: float = 0.05
     from train.labels import window_labels
 
     t = len(tokens_T)
-    chunk = _largest_divisor(t, 512)
-    if chunk < 32:
-        chunk = t
-    lab = window_labels(model, list(tokens_T), taus=(tau,), cap=t, chunk=chunk)
+    lab = window_labels(
+        model, list(tokens_T), taus=(tau,), cap=t, chunk=min(t, ORACLE_CHUNK),
+        pad_to=min(t, ORACLE_CHUNK),
+    )  # fmt: skip
     life_TLK = lab["lifespan"][:, 0].astype(np.float32)
     return (np.log1p(life_TLK) / np.log(4.0)).transpose(1, 2, 0)
 

@@ -148,3 +148,40 @@ def test_extract_labels_writes_a_readable_store(tmp_path):
         label("late", books=["a"], first_window=9)
     with pytest.raises(FileNotFoundError, match="books not found"):
         label("x", books=["zzz"])
+
+
+def test_padded_window_gives_the_same_labels():
+    """A window run padded to a multiple of 64 tokens (the oracle's shared programs) equals
+    the same window run as it is; a tau a padding query could reach is refused."""
+    import jax
+
+    from smartkv_jax.model import Transformer
+    from train.labels import window_labels
+
+    model = Transformer.init_random(tiny_config(max_position=256), jax.random.PRNGKey(3))
+    model = jax.tree_util.tree_map(lambda a: a * 4 if a.ndim == 3 else a, model)  # peaky
+    tokens = np.random.default_rng(0).integers(0, 53, 100).tolist()
+    plain = window_labels(model, tokens, taus=(0.02, 0.1), cap=100, chunk=100)
+    padded = window_labels(model, tokens, taus=(0.02, 0.1), cap=100, chunk=64, pad_to=64)
+    for name in ("lifespan", "censored", "pos"):
+        np.testing.assert_array_equal(padded[name], plain[name])
+    np.testing.assert_allclose(padded["key"], plain["key"], atol=1e-5)
+    assert plain["lifespan"].shape == (100, 2, 2, 2) and plain["lifespan"].max() > 10
+    with pytest.raises(ValueError, match="pad_to=1"):
+        window_labels(model, tokens, taus=(0.005,), cap=100, chunk=64, pad_to=64)
+
+
+def test_zero_queries_end_no_lifespan():
+    """Why padding is inert: zeroed queries appended after T keys leave every lifespan as it
+    was, where real queries in their place extend some."""
+    rng = np.random.default_rng(1)
+    t, n = 40, 64
+    q = rng.normal(size=(1, 1, 2, n, 8)).astype(np.float32) * 3  # peaky attention
+    k = rng.normal(size=(1, 1, 1, n, 8)).astype(np.float32)
+    plain = np.asarray(all_layer_lifespans(q[:, :, :, :t], k[:, :, :, :t], (0.05,), n, "blockwise"))
+    zeroed = q.copy()
+    zeroed[:, :, :, t:] = 0.0
+    padded = np.asarray(all_layer_lifespans(zeroed, k, (0.05,), n, "blockwise"))
+    live = np.asarray(all_layer_lifespans(q, k, (0.05,), n, "blockwise"))
+    np.testing.assert_array_equal(padded[..., :t], plain)
+    assert (live[..., :t] > plain).any()

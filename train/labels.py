@@ -122,35 +122,57 @@ def window_labels(
     cap: int = 1024,
     chunk: int = 512,
     method: str = "auto",
+    pad_to: int = 1,
 ) -> dict[str, np.ndarray]:
     """Keys and lifespans of one window of T tokens.
 
+    pad_to: the window runs padded to a multiple of this many tokens, so windows of different
+    lengths share compiled programs (the oracle's per-sample lifespans). The padding's queries
+    are zeroed: query i then spreads 1/(i+1) (1/W in a W-token window) over the keys it sees,
+    below every tau, so it ends no key's life; the outputs are cut back to T.
     Returns key [T, L, K, D] (pre-RoPE, float32), lifespan [T, n_tau, L, K] (int32, clipped at
     cap), censored [T] (bool: fewer than cap later queries were observed) and pos [T].
     """
     t = len(tokens_T)
-    if t % chunk:
-        chunk = t
-    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(t, model.cfg.layer_windows)
+    n = -(-t // pad_to) * pad_to
+    taus = tuple(float(x) for x in taus)
+    _check_padding(model.cfg, t, n, taus)
+    if n % chunk:
+        chunk = n
+    policy = PolicyConfig.uniform(model.cfg.num_layers).resolve(n, model.cfg.layer_windows)
     cache = init_cache(model.cfg, policy, 1, model.dtype, mesh=model_mesh(model))
     graph, state = split_model(model, cache)
-    toks = jnp.asarray(np.asarray(tokens_T, np.int32)[None])
+    toks = jnp.asarray(np.pad(np.asarray(tokens_T, np.int32), (0, n - t))[None])
+    pos_T = jnp.asarray(np.where(np.arange(n) < t, np.arange(n), -1).astype(np.int32)[None])
     parts = []
-    for s in range(0, t, chunk):
-        pos = jnp.arange(s, s + chunk, dtype=jnp.int32)[None]
-        out = chunk_step(graph, state, policy, toks[:, s : s + chunk], pos, cache, probe=_collect)
+    for s in range(0, n, chunk):
+        part = slice(s, s + chunk)
+        out = chunk_step(graph, state, policy, toks[:, part], pos_T[:, part], cache, probe=_collect)
         cache = out.cache
         parts.append(out.probes)
-    q, k, k_pre = (jnp.concatenate(x, axis=3) for x in zip(*parts))  # [L, 1, heads, T, D]
-    taus = tuple(float(x) for x in taus)
+    q, k, k_pre = (jnp.concatenate(x, axis=3) for x in zip(*parts))  # [L, 1, heads, N, D]
+    q = q.at[:, :, :, t:].set(0.0)  # the padding's queries attend uniformly
     life = all_layer_lifespans(q, k, taus, cap, method, layer_rules(model.cfg))
     pos = np.arange(t, dtype=np.int32)
     return {
-        "key": np.asarray(k_pre[:, 0].transpose(2, 0, 1, 3), np.float32),
-        "lifespan": np.asarray(life[:, :, 0].transpose(3, 1, 0, 2), np.int32),
+        "key": np.asarray(k_pre[:, 0, :, :t].transpose(2, 0, 1, 3), np.float32),
+        "lifespan": np.asarray(life[:, :, 0, :, :t].transpose(3, 1, 0, 2), np.int32),
         "censored": censored(t, cap),
         "pos": pos,
     }
+
+
+def _check_padding(cfg, t: int, n: int, taus: tuple[float, ...]) -> None:
+    """Padding past T tokens is inert only if a uniform query's weight on a key (1/(i+1), or
+    1/W in a W-token window) is below every tau (ValueError otherwise)."""
+    if n == t:
+        return
+    spread = min([t + 1] + [w for w in cfg.layer_windows if w])
+    if min(taus) * spread <= 1.0:
+        raise ValueError(
+            f"a window of {t} tokens cannot be padded at tau {min(taus)}: a padding query "
+            f"would give a key weight 1/{spread}; pass pad_to=1"
+        )
 
 
 def extract_labels(
