@@ -252,7 +252,9 @@ def compress(
         for i, view in enumerate(views)
     ]
     table = _decode_table(ctx.policy, layers)
-    cache = place_cache(_stack_rows(cfg, table, layers, model.dtype), model_mesh(model))
+    mesh = model_mesh(model)
+    cache = place_cache(_stack_rows(cfg, table, layers, model.dtype), mesh)
+    cache = dataclasses.replace(cache, mesh=mesh)  # a Pallas kernel then runs per shard
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
 
 
