@@ -53,6 +53,22 @@ def merge_attention(out_a, lse_a, out_b, lse_b) -> tuple[jax.Array, jax.Array]:
     return w_a * out_a + w_b * out_b, lse
 
 
+def _block(cache: LayerCache, visible_pos_BKS: jax.Array, start, size: int):
+    """(k, v [B, K, size, D], visible positions [B, K, size]) of slots start .. start+size-1."""
+    part = partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=size, axis=2)
+    return part(cache.k), part(cache.v), part(visible_pos_BKS)
+
+
+def _live(pos_BKS: jax.Array, pos_BC: jax.Array) -> jax.Array:
+    """Whether any slot of a block holds a position some query of the chunk can see."""
+    return jnp.any((pos_BKS >= 0) & (pos_BKS <= jnp.max(pos_BC)))
+
+
+def _whole(capacity: int) -> int:
+    """Slots in whole CACHE_BLOCKs."""
+    return capacity - capacity % CACHE_BLOCK
+
+
 def blocked_attention(
     cache: LayerCache,
     visible_pos_BKS: jax.Array,
@@ -68,31 +84,25 @@ def blocked_attention(
     logits never exist for more than one block ([B, H, C, CACHE_BLOCK]), so the memory a
     chunk step needs stays near the cache's own."""
     b, h, c, d = q_BHCD.shape
-    newest = jnp.max(pos_BC)
     how = {"scale": rule.scale, "window": rule.window}
 
-    def block(start, size):  # (k, v [B, K, size, D], visible positions [B, K, size])
-        part = partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=size)
-        return part(cache.k, axis=2), part(cache.v, axis=2), part(visible_pos_BKS, axis=2)
-
     def step(acc, start):
-        k, v, pos = block(start, CACHE_BLOCK)
+        k, v, pos = _block(cache, visible_pos_BKS, start, CACHE_BLOCK)
 
         def run(acc):
             return merge_attention(
                 *acc, *reference_decode_attention(q_BHCD, k, v, pos, pos_BC, **how)
             )
 
-        live = jnp.any((pos >= 0) & (pos <= newest))
-        return jax.lax.cond(live, run, lambda acc: acc, acc), None
+        return jax.lax.cond(_live(pos, pos_BC), run, lambda acc: acc, acc), None
 
     init = (jnp.zeros((b, h, c, d), jnp.float32), jnp.full((b, h, c), -jnp.inf, jnp.float32))
-    whole = cache.capacity - cache.capacity % CACHE_BLOCK
+    whole = _whole(cache.capacity)
     acc = jax.lax.scan(step, init, jnp.arange(0, whole, CACHE_BLOCK))[0]
     if whole == cache.capacity:
         return acc
-    tail = reference_decode_attention(q_BHCD, *block(whole, cache.capacity - whole), pos_BC, **how)
-    return merge_attention(*acc, *tail)
+    tail = _block(cache, visible_pos_BKS, whole, cache.capacity - whole)
+    return merge_attention(*acc, *reference_decode_attention(q_BHCD, *tail, pos_BC, **how))
 
 
 def attend(
@@ -140,6 +150,36 @@ def attend(
     return merge_attention(out_c, lse_c, out_n.reshape(b, h, c, d), lse_n.reshape(b, h, c))
 
 
+def _mass(k_BKSD, visible_BKS, qg_BKGCD, lse_BKGC1, w_B11C1, pos_BC, rule) -> jax.Array:
+    """Attention probability [B, K, S] each slot of k_BKSD receives, summed over the group's
+    heads and the weighted queries (lse: the queries' log-sum-exps over every key)."""
+    s = rule.logits(qg_BKGCD, k_BKSD, "bkgqd,bksd->bkgqs")
+    ok = rule.slot_mask(visible_BKS, pos_BC)
+    return jnp.sum(jnp.where(ok, jnp.exp(s - lse_BKGC1), 0.0) * w_B11C1, axis=(2, 3))
+
+
+def _blocked_mass(cache: LayerCache, visible_pos_BKS, qg_BKGCD, lse_BKGC1, w_B11C1, pos_BC, rule):
+    """`_mass` over the cache CACHE_BLOCK slots at a time (a block no query can see gets
+    zeros without being computed; a last partial block in one pass), as `blocked_attention`
+    goes: the chunk's probabilities never exist for more than one block."""
+    b, kh = visible_pos_BKS.shape[:2]
+    zero = jnp.zeros((b, kh, CACHE_BLOCK), jnp.float32)
+    how = (qg_BKGCD, lse_BKGC1, w_B11C1, pos_BC, rule)
+
+    def step(_, start):
+        k, _v, pos = _block(cache, visible_pos_BKS, start, CACHE_BLOCK)
+        mass = jax.lax.cond(_live(pos, pos_BC), lambda: _mass(k, pos, *how), lambda: zero)
+        return None, mass
+
+    whole = _whole(cache.capacity)
+    per_block = jax.lax.scan(step, None, jnp.arange(0, whole, CACHE_BLOCK))[1]  # [N, B, K, 256]
+    mass_BKS = jnp.moveaxis(per_block, 0, 2).reshape(b, kh, whole)
+    if whole == cache.capacity:
+        return mass_BKS
+    k, _v, pos = _block(cache, visible_pos_BKS, whole, cache.capacity - whole)
+    return jnp.concatenate([mass_BKS, _mass(k, pos, *how)], axis=-1)
+
+
 def attention_mass(
     cache: LayerCache,
     visible_pos_BKS: jax.Array,
@@ -151,7 +191,8 @@ def attention_mass(
     rule: AttentionRule,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention probability paid to each cache slot and each new token, summed over the
-    query heads of each KV group and over the chunk's queries weighted by weight_BC.
+    query heads of each KV group and over the chunk's queries weighted by weight_BC. A chunk
+    of several queries over a cache of more than one block goes block by block, as `attend`.
 
     Returns (mass_BKS, mass_BKC) float32, for attention-scored policies (H2O, TOVA, SnapKV).
     """
@@ -160,9 +201,10 @@ def attention_mass(
     qg = q_BHCD.reshape(b, kh, h // kh, c, d)
     lse = jnp.where(jnp.isfinite(lse_BHC), lse_BHC, jnp.inf).reshape(b, kh, h // kh, c, 1)
     w = weight_BC.astype(jnp.float32)[:, None, None, :, None]
-    s_c = rule.logits(qg, cache.k, "bkgqd,bksd->bkgqs")
-    ok_c = rule.slot_mask(visible_pos_BKS, pos_BC)
-    mass_c = jnp.sum(jnp.where(ok_c, jnp.exp(s_c - lse), 0.0) * w, axis=(2, 3))
+    if c > 1 and cache.capacity > CACHE_BLOCK:
+        mass_c = _blocked_mass(cache, visible_pos_BKS, qg, lse, w, pos_BC, rule)
+    else:
+        mass_c = _mass(cache.k, visible_pos_BKS, qg, lse, w, pos_BC, rule)
     s_n = rule.logits(qg, k_BKCD, "bkgqd,bkcd->bkgqc")
     ok_n = rule.chunk_mask(pos_BC)[:, None, None]
     mass_n = jnp.sum(jnp.where(ok_n, jnp.exp(s_n - lse), 0.0) * w, axis=(2, 3))

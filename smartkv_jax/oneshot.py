@@ -17,6 +17,7 @@ dim, R compressed rows.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -221,20 +222,25 @@ def compress(
     room: int,
     views: Sequence[ContextView | None],
     oracle_LKT: np.ndarray | None = None,
+    size_length: int | None = None,
 ) -> Compressed:
     """One row per policy (each resolved at the context's length): its global layers keep
     what it ranks best (`views`: from `context_views`), each with `room` free slots for the
     question and answer. oracle_LKT: true log4 lifespans [L, K, T] (T >= the context's
-    length) of the sample, which oracle layers rank by."""
+    length) of the sample, which oracle layers rank by. size_length (>= the context's
+    length; default: it): the layers' slot counts are reckoned as if the context were that
+    long (capacities scaled up in proportion), so that contexts of slightly different
+    lengths share cache shapes and compiled programs."""
     cfg = model.cfg
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
+    scale = max(size_length or ctx.length, ctx.length) / ctx.length
     layers = []
     for i, view in enumerate(views):
         if view is None:  # the model's own window: the native cache, in every row
             layers.append([_layer_cache(ctx.cache, i)] * len(rows))
             continue
         caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
-        size = -(-(max(caps) + room) // SIZE_STEP) * SIZE_STEP
+        size = -(-(math.ceil(max(caps) * scale) + room) // SIZE_STEP) * SIZE_STEP
         packed = [
             _kept(
                 dataclasses.replace(r.layers[i], capacity=None),

@@ -1,5 +1,6 @@
 """The chunk attention over the cache: the block-by-block path (`blocked_attention`, which
-skips blocks no query can see) equals the one-pass reference, and `attend` takes it."""
+skips blocks no query can see) equals the one-pass reference, and `attend` takes it; the
+attention mass attention-scored policies rank by, block by block, equals a dense numpy one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import reference_decode_attention
-from smartkv_jax.attention import CACHE_BLOCK, AttentionRule, attend, blocked_attention
+from smartkv_jax.attention import (
+    CACHE_BLOCK,
+    AttentionRule,
+    attend,
+    attention_mass,
+    blocked_attention,
+)
 from smartkv_jax.cache import LayerCache
 
 
@@ -73,3 +80,53 @@ def test_attend_gives_the_same_result_by_either_path():
         ref_out, ref_lse = reference_decode_attention(q, kk, vv, pp, pos, scale=rule.scale)
         np.testing.assert_allclose(out, ref_out, atol=1e-5)
         np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+
+
+def _dense_mass(q, k_cache, pos_cache, k_new, pos, weight, scale, window):
+    """numpy reference: softmax over cache slots and the chunk's own keys per query head,
+    summed over each KV group's heads and the weighted queries: ([B, K, S], [B, K, C])."""
+    b, h, c, _ = q.shape
+    kh = k_cache.shape[1]
+    mass_s = np.zeros(pos_cache.shape)
+    mass_c = np.zeros((b, kh, c))
+    for r, head, i in np.ndindex(b, h, c):
+        t, g = pos[r, i], head // (h // kh)
+        if t < 0:
+            continue
+        keys = np.concatenate([k_cache[r, g], k_new[r, g]])
+        kpos = np.concatenate([pos_cache[r, g], pos[r]])
+        ok = (kpos >= 0) & (kpos <= t) & ((kpos > t - window) if window else True)
+        logit = np.where(ok, keys @ q[r, head, i] * scale, -np.inf)
+        p = np.exp(logit - logit.max())
+        p = p / p.sum() * weight[r, i]
+        mass_s[r, g] += p[: pos_cache.shape[2]]
+        mass_c[r, g] += p[pos_cache.shape[2] :]
+    return mass_s, mass_c
+
+
+@pytest.mark.parametrize("window", [0, 300])
+@pytest.mark.parametrize("capacity", [3 * CACHE_BLOCK, 3 * CACHE_BLOCK + 40, CACHE_BLOCK - 8])
+def test_attention_mass_block_by_block_equals_numpy(window, capacity):
+    """Whole blocks (one of them empty, so skipped), a partial tail, and a one-pass cache;
+    weighted queries and padding."""
+    rng = np.random.default_rng(2)
+    b, h, k, d, c = 2, 4, 2, 16, 8
+    filled = min(capacity, CACHE_BLOCK + 40)
+    cache = _cache(rng, b, k, capacity, d, filled=filled)
+    q = rng.normal(size=(b, h, c, d)).astype(np.float32)
+    k_new = rng.normal(size=(b, k, c, d)).astype(np.float32)
+    pos = np.tile(np.arange(filled, filled + c), (b, 1)).astype(np.int32)
+    pos[1, -2:] = -1
+    weight = rng.uniform(size=(b, c)).astype(np.float32)
+    rule = AttentionRule(scale=d**-0.5, window=window)
+    # the queries' log-sum-exps over every key they see, as `attend` returns them
+    _, lse = attend(cache, cache.pos, jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(k_new),
+                    jnp.asarray(pos), rule)  # fmt: skip
+    args = (jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(pos), lse, jnp.asarray(weight))
+    mass_s, mass_c = jax.jit(attention_mass, static_argnums=7)(cache, cache.pos, *args, rule)
+    ref_s, ref_c = _dense_mass(
+        q, np.asarray(cache.k), np.asarray(cache.pos), k_new, pos, weight, rule.scale, window
+    )
+    np.testing.assert_allclose(mass_s, ref_s, atol=1e-5)
+    np.testing.assert_allclose(mass_c, ref_c, atol=1e-5)
+    assert np.sum(ref_s) > 1.0  # the cache received real mass

@@ -59,6 +59,26 @@ def test_window_keeps_sinks_and_the_newest(setup):
             assert sorted(head[head >= 0].tolist()) == [0, 1, 2, 3, *range(T - 71, T)]
 
 
+def test_slots_reckoned_at_a_nominal_length_keep_and_answer_the_same(setup):
+    """size_length only adds empty slots: a quarter of 1200 tokens (300 slots plus room)
+    takes 512 slots where a quarter of the 300-token context takes 256; the same slots are
+    kept, first, and the answers agree."""
+    model, _, question, ctx = setup
+    policies = [make_policy(p, CFG.num_layers, T, 0.25) for p in ("window", "h2o")]
+    views = context_views(model, ctx)
+    own = compress(model, ctx, policies, 8, views)
+    nominal = compress(model, ctx, policies, 8, views, size_length=1200)
+    for layer in range(CFG.num_layers):
+        a = np.asarray(_layer_cache(own.cache, layer).pos)
+        b = np.asarray(_layer_cache(nominal.cache, layer).pos)
+        assert a.shape[-1] == 256 and b.shape[-1] == 512
+        np.testing.assert_array_equal(b[..., :256], a)
+        assert (b[..., 256:] == -1).all()
+    np.testing.assert_array_equal(nominal.kept_RL, own.kept_RL)
+    want = answer(model, own, T, question, 8, stop_tokens=()).tokens
+    assert answer(model, nominal, T, question, 8, stop_tokens=()).tokens == want
+
+
 def test_observation_mass_is_the_last_queries_attention(setup):
     model, _, _, ctx = setup
     view = context_view(model, ctx, 1)
