@@ -162,9 +162,10 @@ def _step_bytes(m: LoadedModel, res) -> dict[str, int | None]:
 def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str, Any]:
     """Time one case on `m` (compiled first, so prefill_s is the time to the first token of a
     compiled program; compile_s apart). KV bytes: the keys and values the cache allocates.
-    peak_bytes: the peak while generating (the model's resident weights included, its loading
-    left out where the count can be reset: peak_reset; on CPU XLA's compiling counts too);
-    resident_before_bytes: the resident set just before (CPU). step_bytes: what one prefill
+    peak_bytes: the peak while prefilling and decoding, counted from when every program is
+    compiled (the model's resident weights included; its loading and XLA's compiling left
+    out where the count can be reset: peak_reset); resident_before_bytes: the resident set
+    at that point (CPU). step_bytes: what one prefill
     chunk step holds at once by XLA's accounting: weights_bytes, cache_bytes (keys, values,
     slot positions and scores) and prefill_temp_bytes, its working memory (None where XLA
     gives no analysis)."""
@@ -175,11 +176,15 @@ def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str
     length = case.context + case.new_tokens
     policy = parse_policy(case.policy, m.cfg.num_layers, length, budget, case.calibrated)
     gates = gates if gates is not None else random_gates(m)
-    reset = reset_peak_memory()
-    before = _proc_status_bytes("VmRSS")
+    mark: dict[str, Any] = {}
+
+    def start_count() -> None:  # every program compiled, nothing run yet
+        mark["reset"] = reset_peak_memory()
+        mark["before"] = _proc_status_bytes("VmRSS")
+
     res = generate(
         m.model, prompts, case.new_tokens, policy=policy, stop_tokens=(), chunk=case.chunk,
-        gates=gates,
+        gates=gates, on_compiled=start_count,
     )  # fmt: skip
     return {
         **dataclasses.asdict(case),
@@ -190,8 +195,8 @@ def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str
         "kv_bytes": res.cache.kv_bytes(),
         **_step_bytes(m, res),
         "peak_bytes": peak_memory_bytes(),
-        "peak_reset": reset,
-        "resident_before_bytes": before,
+        "peak_reset": mark["reset"],
+        "resident_before_bytes": mark["before"],
         "device": jax.devices()[0].device_kind,
     }
 

@@ -8,8 +8,8 @@ vs transformers' PyTorch generate (full cache), same model, same CPU.
                                 --no-torch             (random weights of a real shape)
 
 Each (context, batch, policy) runs in a process of its own (eval/bench_case.py), so its peak
-memory (resident set: weights, cache, activations, runtime, and XLA compiling the programs)
-is that case's alone; "step MiB" is XLA's own accounting of one prefill chunk step (weights,
+memory (resident set: weights, cache, activations and runtime, counted from when its programs
+are compiled) is that case's alone; "step MiB" is XLA's own accounting of one prefill chunk step (weights,
 cache and the step's working memory), free of the runtime and the compiler. Prompts are
 real text (the shared books), one offset per batch row; random token ids for random models.
 Prefill: time to the first token of a compiled program (compile time is reported apart);
