@@ -284,6 +284,53 @@ def _compile_prefill(
     return seconds, None if memory is None else int(memory.temp_size_in_bytes)
 
 
+SHRINK_EVERY = 16  # decode steps between looks for rows that stopped (`_decode`, shrink)
+
+
+def _gather_rows(state: DecodeState, rows: np.ndarray, mesh) -> DecodeState:
+    """The decode state of batch rows `rows` alone: every per-row array and the cache's rows
+    (axis 1 of every group leaf) gathered; the step count and key shared as they were."""
+    idx = jnp.asarray(rows)
+
+    def pick(x: jax.Array) -> jax.Array:
+        return put_batch(np.asarray(x)[rows], mesh)
+
+    return dataclasses.replace(
+        state,
+        token=pick(state.token),
+        pos=pick(state.pos),
+        done=pick(state.done),
+        out=pick(state.out),
+        cache=jax.tree.map(lambda x: jnp.take(x, idx, axis=1), state.cache),
+    )
+
+
+def _decode(args, state: DecodeState, n_steps: int, aux, mesh, shrink: bool):
+    """Run the decode loop up to n_steps; returns (out [B, N] every row's tokens, steps run,
+    the last state). With `shrink`, the loop stops every SHRINK_EVERY steps; once at most
+    half the rows are still going, those go on alone (in a batch of the next power of two,
+    topped up with stopped rows: few batch sizes, so few compiled programs), so rows that
+    stopped early stop costing a step. Rows never interact, so each row's tokens are the
+    same either way."""
+    if not shrink:
+        state = decode_loop(*args, state, jnp.int32(n_steps), aux)
+        return np.asarray(state.out), int(state.step), state
+    out = np.zeros(state.out.shape, np.int32)
+    rows = np.arange(out.shape[0])  # the original row of each batch row
+    while True:
+        upto = min(int(state.step) + SHRINK_EVERY, n_steps)
+        state = decode_loop(*args, state, jnp.int32(upto), aux)
+        step, done = int(state.step), np.asarray(state.done)
+        out[rows] = np.asarray(state.out)
+        if step >= n_steps or done.all():
+            return out, step, state
+        live = np.flatnonzero(~done)
+        size = _pow2_at_least(len(live), 1)
+        if size <= len(rows) // 2:
+            keep = np.concatenate([live, np.flatnonzero(done)[: size - len(live)]])
+            state, rows = _gather_rows(state, keep, mesh), rows[keep]
+
+
 def _decode_state(
     first_B: np.ndarray, ends_B: np.ndarray, cache: KVCache, key, stops, n_out: int, mesh
 ) -> DecodeState:
@@ -317,12 +364,16 @@ def continue_generation(
     seed: int = 0,
     probe: Probe | None = None,
     on_compiled: Callable[[], Any] | None = None,
+    shrink: bool = False,
 ) -> GenerationResult:
     """`generate` from a cache that already holds each row's first `start_B` positions (say
     a context compressed once): `segments` (as `prefill`'s) are read from there on, then up
     to `max_new_tokens` are decoded. `policy` must be resolved for the cache. on_compiled:
     called once every program is compiled, before the prefill runs (the benchmarks start
-    their peak-memory count there, so compiling does not count)."""
+    their peak-memory count there, so compiling does not count). shrink: rows that stopped
+    drop out of the decode batch (`_decode`; for many rows that stop at different times,
+    say RULER's answers; `aux` must then hold no per-row arrays, and the result's cache
+    holds the last batch's rows and decode_steps the longest row's steps)."""
     cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     n_out = _pow2_at_least(max_new_tokens)
@@ -347,11 +398,9 @@ def continue_generation(
     t1 = time.perf_counter()
     ends = np.asarray(start_B) + sum(np.array([len(p) for p in seg]) for seg in segments)
     state = _decode_state(first, ends, cache, key, stops, n_out, mesh)
-    state = decode_loop(*args, state, jnp.int32(max_new_tokens - 1), aux)
-    out = np.asarray(state.out)
+    out, steps, state = _decode(args, state, max_new_tokens - 1, aux, mesh, shrink)
     t2 = time.perf_counter()
-    tokens = _cut_at_stop(out, int(state.step), stops)
+    tokens = _cut_at_stop(out, steps, stops)
     return GenerationResult(
-        tokens, t1 - t0, t2 - t1, int(state.step), state.cache, probes or None, compile_s,
-        temp_bytes,
-    )  # fmt: skip
+        tokens, t1 - t0, t2 - t1, steps, state.cache, probes or None, compile_s, temp_bytes
+    )

@@ -318,4 +318,5 @@ def answer(
         max_new_tokens,
         stop_tokens=stop_tokens,
         chunk=max(64, -(-len(question) // 64) * 64),  # few question widths: few compiles
+        shrink=True,  # rows that answered drop out of the batch
     )

@@ -168,3 +168,36 @@ def test_kernel_setting_is_explicit_and_the_kernel_path_matches(params):
         second, _ = _chunk_logits(params, policy, tokens[:, 8:], pos[:, 8:], cache)  # reads 8
         got[mode] = np.concatenate([first, second], axis=1)
     np.testing.assert_allclose(got["interpret"], got["reference"], atol=1e-4, rtol=0)
+
+
+def test_shrinking_batch_gives_every_row_the_same_tokens(params, monkeypatch):
+    """With `shrink`, rows that stopped leave the decode batch (here 8 rows, of which 6 stop
+    within the first look, then 2 go on alone): every row's tokens equal those of the whole
+    batch decoding to the end."""
+    import smartkv_jax.generate as gen
+
+    rng = np.random.default_rng(5)
+    prompts = rng.integers(4, CFG.vocab_size, (8, 9)).tolist()
+    free = generate(params, prompts, 24, stop_tokens=()).tokens
+    late = set(free[6]) | set(free[7])
+    stops = tuple(sorted({t for row in free[:6] for t in row[:3]} - late))
+    assert all(set(row[:3]) & set(stops) for row in free[:6])  # rows 0-5 stop by step 2
+    monkeypatch.setattr(gen, "SHRINK_EVERY", 4)
+    gathered = []
+    real_gather = gen._gather_rows
+    monkeypatch.setattr(
+        gen, "_gather_rows", lambda s, r, m: gathered.append(r) or real_gather(s, r, m)
+    )
+
+    def run(shrink):
+        policy = PolicyConfig.uniform(CFG.num_layers).resolve(64)
+        cache = init_cache(CFG, policy, len(prompts))
+        return gen.continue_generation(
+            params, cache, policy, [prompts], np.zeros(8, np.int64), 24, stop_tokens=stops,
+            chunk=16, shrink=shrink,
+        ).tokens  # fmt: skip
+
+    want = run(False)
+    assert run(True) == want
+    assert [len(r) for r in gathered] == [2] and set(gathered[0]) == {6, 7}
+    assert [len(t) for t in want[6:]] == [24, 24]  # the rows that went on alone
