@@ -9,9 +9,10 @@ vs transformers' PyTorch generate (full cache), same model, same CPU.
 
 Each (context, batch, policy) runs in a process of its own (eval/bench_case.py), so its peak
 memory (resident set: weights, cache, activations and runtime, counted from when its programs
-are compiled) is that case's alone; "step MiB" is XLA's own accounting of one prefill chunk step (weights,
-cache and the step's working memory), free of the runtime and the compiler. Prompts are
-real text (the shared books), one offset per batch row; random token ids for random models.
+are compiled) is that case's alone; "step MiB" is XLA's own accounting of one prefill chunk
+step (weights, cache and the step's working memory), free of the runtime and the compiler.
+Prompts are real text (the shared books), one offset per batch row; random token ids for
+random models.
 Prefill: time to the first token of a compiled program (compile time is reported apart);
 PyTorch's: from the call to its first sampled token. Decode rate: batch x (new_tokens - 1)
 tokens over the decode loop's time; PyTorch's runs from its first sampled token to its last.
