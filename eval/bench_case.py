@@ -165,10 +165,9 @@ def run_case(m: LoadedModel, case: Case, gates: Gates | None = None) -> dict[str
     peak_bytes: the peak while prefilling and decoding, counted from when every program is
     compiled (the model's resident weights included; its loading and XLA's compiling left
     out where the count can be reset: peak_reset); resident_before_bytes: the resident set
-    at that point (CPU). step_bytes: what one prefill
-    chunk step holds at once by XLA's accounting: weights_bytes, cache_bytes (keys, values,
-    slot positions and scores) and prefill_temp_bytes, its working memory (None where XLA
-    gives no analysis)."""
+    at that point (CPU). step_bytes: what one prefill chunk step holds at once by XLA's
+    accounting: weights_bytes, cache_bytes (keys, values, slot positions and scores) and
+    prefill_temp_bytes, its working memory (None where XLA gives no analysis)."""
     from train.policy_names import parse_policy
 
     prompts = case_prompts(m, case)

@@ -26,7 +26,7 @@ from .gates import Gates
 from .model import Probe, Transformer
 from .policy_table import PolicyConfig
 from .sampling import GREEDY, SamplingConfig, sample
-from .sharding import model_mesh, put_batch, put_replicated
+from .sharding import model_mesh, place_cache, put_batch, put_replicated
 from .step import chunk_step, split_model
 
 
@@ -289,7 +289,9 @@ SHRINK_EVERY = 16  # decode steps between looks for rows that stopped (`_decode`
 
 def _gather_rows(state: DecodeState, rows: np.ndarray, mesh) -> DecodeState:
     """The decode state of batch rows `rows` alone: every per-row array and the cache's rows
-    (axis 1 of every group leaf) gathered; the step count and key shared as they were."""
+    (axis 1 of every group leaf) gathered and placed as a fresh batch of that size is (so the
+    loop's programs see the shardings they would anyway); the step count and key as they
+    were."""
     idx = jnp.asarray(rows)
 
     def pick(x: jax.Array) -> jax.Array:
@@ -301,7 +303,7 @@ def _gather_rows(state: DecodeState, rows: np.ndarray, mesh) -> DecodeState:
         pos=pick(state.pos),
         done=pick(state.done),
         out=pick(state.out),
-        cache=jax.tree.map(lambda x: jnp.take(x, idx, axis=1), state.cache),
+        cache=place_cache(jax.tree.map(lambda x: jnp.take(x, idx, axis=1), state.cache), mesh),
     )
 
 
