@@ -27,9 +27,10 @@ import numpy as np
 
 from .attention import AttentionRule
 from .cache import KVCache, LayerCache, init_cache
-from .context_scores import ContextView
+from .context_scores import ContextView, scatter_last
 from .gates import Gates, layer_params
 from .generate import GenerationResult, continue_generation
+from .kernels import resolve_kernels
 from .model import Transformer
 from .policy import FullPolicy, H2OPolicy
 from .policy_table import PolicyConfig
@@ -180,11 +181,14 @@ def _kept(policy, size: int, capacity: jax.Array, view: ContextView) -> LayerCac
     lc = view.cache
     rank = policy.ranks(lc.pos, policy.context_scores(view), view.t_B)
     keep = policy.context_keep(rank, capacity)
-    idx = jnp.argsort(~keep, axis=-1, stable=True)[..., :size]  # kept slots first
-    took = jnp.take_along_axis(keep, idx, axis=-1)
+    s = keep.shape[-1]
+    place = jnp.where(keep, jnp.cumsum(keep, axis=-1) - 1, size)  # kept slots first, in order
+    idx = scatter_last(place, jnp.arange(s, dtype=jnp.int32), size)  # [B, K, size]
+    took = jnp.arange(size) < jnp.sum(keep, axis=-1, keepdims=True)
     pick = partial(jnp.take_along_axis, indices=idx[..., None], axis=2)
     pos = jnp.where(took, jnp.take_along_axis(lc.pos, idx, axis=-1), -1)
-    return LayerCache(pick(lc.k), pick(lc.v), pos, jnp.zeros(pos.shape, jnp.float32))
+    k, v = (jnp.where(took[..., None], pick(x), 0) for x in (lc.k, lc.v))  # empty slots: 0
+    return LayerCache(k, v, pos, jnp.zeros(pos.shape, jnp.float32))
 
 
 @dataclasses.dataclass
@@ -259,7 +263,7 @@ def compress(
     ]
     table = _decode_table(ctx.policy, layers)
     mesh = model_mesh(model)
-    cache = place_cache(_stack_rows(cfg, table, layers, model.dtype), mesh)
+    cache = place_cache(_stack_rows(table, layers), mesh)
     cache = dataclasses.replace(cache, mesh=mesh)  # a Pallas kernel then runs per shard
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
 
@@ -283,18 +287,23 @@ def _decode_table(context_policy: PolicyConfig, layers: list[list[LayerCache]]) 
     return PolicyConfig(tuple(out), name="oneshot")
 
 
-def _stack_rows(cfg, table: PolicyConfig, layers, dtype) -> KVCache:
+def _stack_rows(table: PolicyConfig, layers) -> KVCache:
     """A cache of R rows under `table`, layer i of row r from layers[i][r]."""
-    cache = init_cache(cfg, table, len(layers[0]), dtype)
+    bounds = tuple((a, b) for a, b, _ in table.groups())
+    return KVCache(_stacked_groups(layers, bounds), bounds, resolve_kernels("auto"))
+
+
+@partial(jax.jit, static_argnames="bounds")
+def _stacked_groups(layers, bounds) -> tuple[LayerCache, ...]:
+    """Each group of `bounds`, its layers stacked [L, R, ...], layer i's rows from layers[i]
+    joined [R, ...]: one compiled program, not an op per array."""
 
     def rows(i: int) -> LayerCache:  # [R, K, S, ...]
         return jax.tree.map(lambda *r: jnp.concatenate(r, 0), *layers[i])
 
-    groups = [
-        jax.tree.map(lambda *ls: jnp.stack(ls), *[rows(i) for i in range(a, b)])
-        for a, b in cache.bounds
-    ]
-    return dataclasses.replace(cache, groups=tuple(groups))
+    return tuple(
+        jax.tree.map(lambda *ls: jnp.stack(ls), *[rows(i) for i in range(a, b)]) for a, b in bounds
+    )
 
 
 def answer(
