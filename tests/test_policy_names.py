@@ -1,5 +1,5 @@
 """Policy names: every form (kinds, gated-only, hybrid, hybrid-calibrated from tables and label
-stores, .json tables, :mask / :expiry suffixes in any order) and clear errors."""
+stores, .json tables, :mask / :expiry / :discount=X suffixes in any order) and clear errors."""
 
 from __future__ import annotations
 
@@ -27,6 +27,32 @@ def test_split_name_takes_suffixes_in_any_order():
     assert split_name("oracle:expiry:mask") == ("oracle", {MASK, EXPIRY})
     assert base_name(CALIBRATED + EXPIRY) == CALIBRATED
     assert base_name("t.json" + MASK) == "t.json"
+    assert split_name("hybrid:discount=1.5:mask") == ("hybrid", {MASK, ":discount=1.5"})
+
+
+def test_discount_sets_the_age_discount_of_lifespan_layers_only():
+    plain = parse_policy("hybrid", 30, 1024, 0.25)
+    swept = parse_policy("hybrid:discount=1.5", 30, 1024, 0.25)
+    assert swept.name == "hybrid:discount=1.5"
+    assert (swept.layers[0], swept.layers[-1]) == (plain.layers[0], plain.layers[-1])
+    assert swept.layers[15] == dataclasses.replace(plain.layers[15], discount=1.5)
+    assert {p.discount for p in parse_policy("oracle:mask:discount=0", 3, 1024).layers} == {0.0}
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("oracle:discount=-1", "needs a number X >= 0, got '-1'"),
+        ("oracle:discount=abc", "needs a number X >= 0, got 'abc'"),
+        ("oracle:discount=nan", "needs a number X >= 0"),
+        ("oracle:discount=", "needs a number X >= 0, got ''"),
+        ("oracle:expiry:discount=1", "use one of :discount=1, :expiry, not both"),
+        ("oracle:discount=1:discount=2", "not both"),
+    ],
+)
+def test_bad_discounts_are_refused(name, message):
+    with pytest.raises(ValueError, match=message):
+        parse_policy(name, 3, 1024, 0.25)
 
 
 @pytest.mark.parametrize("kind", POLICY_KINDS)

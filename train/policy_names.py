@@ -12,6 +12,8 @@ A name is a base name with optional suffixes, in any order:
     PATH.json                                                      a policy table file
     :mask    hide expired slots from attention in gated and oracle layers
     :expiry  rank gated and oracle slots by predicted expiry instead of age-discounted life
+    :discount=X  rank them by predicted log4 life - X * log4(1 + age) (X >= 0; the
+             calibrated default is train.calibrate.DISCOUNT), for sweeping the discount
 
 "hybrid-calibrated" needs `calibrated`: a label store (`smartkv labels` output; the table is
 derived for each context and budget by `train.calibrate.calibrate`) or a JSON table, in whose
@@ -31,18 +33,41 @@ from smartkv_jax.policy_table import PolicyConfig, check_budget, make_policy
 CALIBRATED = "hybrid-calibrated"
 MASK = ":mask"
 EXPIRY = ":expiry"
+DISCOUNT = ":discount="  # followed by a number
 # what policy_table.make_policy reads
 LIBRARY_NAMES = ("gated-only", "hybrid", "pyramidkv", *POLICY_KINDS)
 
 
 def split_name(name: str) -> tuple[str, frozenset[str]]:
-    """(base name, its trailing MASK / EXPIRY suffixes, in any order)."""
+    """(base name, its trailing MASK / EXPIRY / DISCOUNT suffixes, in any order)."""
     found: set[str] = set()
-    while name.endswith((MASK, EXPIRY)):
-        suffix = MASK if name.endswith(MASK) else EXPIRY
+    while True:
+        head, sep, tail = name.rpartition(":")
+        suffix = sep + tail
+        if not (sep and (suffix in (MASK, EXPIRY) or suffix.startswith(DISCOUNT))):
+            return name, frozenset(found)
         found.add(suffix)
-        name = name.removesuffix(suffix)
-    return name, frozenset(found)
+        name = head
+
+
+def _discount(name: str, suffixes: frozenset[str]) -> dict[str, float | None]:
+    """The ranking change the suffixes ask for: {"discount": X} for DISCOUNT, {"discount":
+    None} for EXPIRY, {} for neither. Raises SmartKVError for a bad or doubled request."""
+    asked = sorted(s for s in suffixes if s.startswith(DISCOUNT) or s == EXPIRY)
+    if len(asked) > 1:
+        raise SmartKVError(f"policy {name!r}: use one of {', '.join(asked)}, not both")
+    if not asked:
+        return {}
+    if asked[0] == EXPIRY:
+        return {"discount": None}
+    text = asked[0].removeprefix(DISCOUNT)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise SmartKVError(f"policy {name!r}: {DISCOUNT}X needs a number X >= 0, got {text!r}")
+    return {"discount": value}
 
 
 def base_name(name: str) -> str:
@@ -77,11 +102,9 @@ def parse_policy(
     else:
         mf = 1.0 if memory_fraction is None else memory_fraction
         policy = make_policy(base, num_layers, context, mf)
-    changes = {}
+    changes = _discount(name, suffixes)
     if MASK in suffixes:
         changes["mask_expired"] = True
-    if EXPIRY in suffixes:
-        changes["discount"] = None
     layers = tuple(
         dataclasses.replace(p, **changes) if isinstance(p, LifespanPolicy) else p
         for p in policy.layers
@@ -93,7 +116,8 @@ def check_policy_name(name: str, calibrated: str | None = None) -> None:
     """The checks of `parse_policy` that need no model: raises SmartKVError for an unknown
     name and for hybrid-calibrated without `calibrated`, FileNotFoundError for a missing
     table file."""
-    base = base_name(name)
+    base, suffixes = split_name(name)
+    _discount(name, suffixes)
     if base == CALIBRATED:
         if calibrated is None:
             raise SmartKVError(
@@ -105,7 +129,7 @@ def check_policy_name(name: str, calibrated: str | None = None) -> None:
     elif base not in LIBRARY_NAMES:
         raise SmartKVError(
             f"unknown policy {name!r}; use {', '.join(LIBRARY_NAMES)}, {CALIBRATED} or a .json "
-            f"policy table, optionally with {MASK!r} / {EXPIRY!r} suffixes"
+            f"policy table, optionally with {MASK!r}, {EXPIRY!r} or {DISCOUNT!r}X suffixes"
         )
 
 
