@@ -61,7 +61,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "hybrid hybrid-calibrated oracle, or .json policy tables; a ':mask' suffix "
         "(oracle:mask, hybrid:mask) hides expired slots from attention; "
         "hybrid-calibrated:expiry ranks its gated keys by predicted expiry instead of "
-        "age-discounted predicted life",
+        "age-discounted predicted life; ':discount=X' sets that age discount (predicted "
+        "log4 life - X * log4(1 + age))",
     )
     add_field(
         p,

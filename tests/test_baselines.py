@@ -120,6 +120,16 @@ def test_head_adaptive_keep_matches_numpy(alpha):
         np.testing.assert_array_equal(got, np.asarray(per_head_keep(jnp.asarray(rank), 10)))
 
 
+def test_per_head_keep_breaks_ties_by_the_lower_slot():
+    rank = RNG.integers(0, 4, size=(B, 3, 40)).astype(np.float32)  # many ties
+    got = np.asarray(per_head_keep(jnp.asarray(rank), jnp.int32(7)))
+    want = np.zeros(rank.shape, bool)
+    for b in range(B):
+        for h in range(3):
+            want[b, h, np.argsort(-rank[b, h], kind="stable")[:7]] = True
+    np.testing.assert_array_equal(got, want)
+
+
 def test_keep_never_takes_empty_slots():
     rank = np.full((1, 2, 8), -np.inf, np.float32)
     rank[0, 0, :3] = [1.0, 2.0, 3.0]

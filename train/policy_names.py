@@ -33,40 +33,42 @@ from smartkv_jax.policy_table import PolicyConfig, check_budget, make_policy
 CALIBRATED = "hybrid-calibrated"
 MASK = ":mask"
 EXPIRY = ":expiry"
-DISCOUNT = ":discount="  # followed by a number
+DISCOUNT_SUFFIX = ":discount="  # followed by a number
 # what policy_table.make_policy reads
 LIBRARY_NAMES = ("gated-only", "hybrid", "pyramidkv", *POLICY_KINDS)
 
 
 def split_name(name: str) -> tuple[str, frozenset[str]]:
-    """(base name, its trailing MASK / EXPIRY / DISCOUNT suffixes, in any order)."""
+    """(base name, its trailing MASK / EXPIRY / DISCOUNT_SUFFIX suffixes, in any order)."""
     found: set[str] = set()
     while True:
         head, sep, tail = name.rpartition(":")
         suffix = sep + tail
-        if not (sep and (suffix in (MASK, EXPIRY) or suffix.startswith(DISCOUNT))):
+        if not (sep and (suffix in (MASK, EXPIRY) or suffix.startswith(DISCOUNT_SUFFIX))):
             return name, frozenset(found)
         found.add(suffix)
         name = head
 
 
 def _discount(name: str, suffixes: frozenset[str]) -> dict[str, float | None]:
-    """The ranking change the suffixes ask for: {"discount": X} for DISCOUNT, {"discount":
+    """The ranking change the suffixes ask for: {"discount": X} for DISCOUNT_SUFFIX, {"discount":
     None} for EXPIRY, {} for neither. Raises SmartKVError for a bad or doubled request."""
-    asked = sorted(s for s in suffixes if s.startswith(DISCOUNT) or s == EXPIRY)
+    asked = sorted(s for s in suffixes if s.startswith(DISCOUNT_SUFFIX) or s == EXPIRY)
     if len(asked) > 1:
         raise SmartKVError(f"policy {name!r}: use one of {', '.join(asked)}, not both")
     if not asked:
         return {}
     if asked[0] == EXPIRY:
         return {"discount": None}
-    text = asked[0].removeprefix(DISCOUNT)
+    text = asked[0].removeprefix(DISCOUNT_SUFFIX)
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value >= 0:  # also NaN
-        raise SmartKVError(f"policy {name!r}: {DISCOUNT}X needs a number X >= 0, got {text!r}")
+        raise SmartKVError(
+            f"policy {name!r}: {DISCOUNT_SUFFIX}X needs a number X >= 0, got {text!r}"
+        )
     return {"discount": value}
 
 
@@ -114,8 +116,8 @@ def parse_policy(
 
 def check_policy_name(name: str, calibrated: str | None = None) -> None:
     """The checks of `parse_policy` that need no model: raises SmartKVError for an unknown
-    name and for hybrid-calibrated without `calibrated`, FileNotFoundError for a missing
-    table file."""
+    name, a bad or doubled discount suffix and hybrid-calibrated without `calibrated`,
+    FileNotFoundError for a missing table file."""
     base, suffixes = split_name(name)
     _discount(name, suffixes)
     if base == CALIBRATED:
@@ -129,7 +131,7 @@ def check_policy_name(name: str, calibrated: str | None = None) -> None:
     elif base not in LIBRARY_NAMES:
         raise SmartKVError(
             f"unknown policy {name!r}; use {', '.join(LIBRARY_NAMES)}, {CALIBRATED} or a .json "
-            f"policy table, optionally with {MASK!r}, {EXPIRY!r} or {DISCOUNT!r}X suffixes"
+            f"policy table, optionally with {MASK!r}, {EXPIRY!r} or {DISCOUNT_SUFFIX!r}X suffixes"
         )
 
 
