@@ -375,11 +375,12 @@ def continue_generation(
     their peak-memory count there, so compiling does not count). shrink: rows that stopped
     drop out of the decode batch (`_decode`; for many rows that stop at different times,
     say RULER's answers; `aux` must then hold no per-row arrays, and the result's cache
-    holds the last batch's rows and decode_steps the longest row's steps)."""
+    holds the last batch's rows and decode_steps the longest row's steps). The model's
+    layers are restacked in place for the cache's groups (`Transformer.group_layers`)."""
     cfg = model.cfg
     stops = tuple(int(t) for t in (cfg.eos_token_ids if stop_tokens is None else stop_tokens))
     n_out = _pow2_at_least(max_new_tokens)
-    model = model.regroup(cache.bounds)  # once, for the compile, the prefill and the decode
+    model.group_layers(cache.bounds)  # once, in place, for the compile, prefill and decode
     rows, mesh = len(segments[0]), model_mesh(model)
     compile_s, temp_bytes = _compile_prefill(model, policy, cache, rows, chunk, aux, probe)
     graph, params = split_model(model, cache)

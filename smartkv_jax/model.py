@@ -245,6 +245,18 @@ def _evict(policy: CachePolicy, view: ChunkView, v_BKCD: jax.Array) -> LayerUpda
     return LayerUpdate(pos, score, dest, view.k_BKCD, v_BKCD)
 
 
+def _layer_range(arrays: list[jax.Array], bounds, a: int, b: int) -> jax.Array:
+    """Layers a..b-1 [b - a, ...] of a weight held as `arrays`, one [end - start, ...] per
+    stack of `bounds`: the stack itself when it is exactly that range, else the slices of
+    the stacks it overlaps, joined."""
+    pieces = [
+        w if (start, end) == (a, b) else w[max(a, start) - start : min(b, end) - start]
+        for w, (start, end) in zip(arrays, bounds)
+        if start < b and a < end
+    ]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+
 class Transformer(nnx.Module):
     """The decoder: embedding, `stacks` of layers (covering layers `bounds`), final norm and
     LM head. Build it with `Transformer.from_weights` or `Transformer.init_random`."""
@@ -283,18 +295,47 @@ class Transformer(nnx.Module):
         return self.embed[...].dtype
 
     def regroup(self, bounds: tuple[tuple[int, int], ...]) -> Transformer:
-        """The same model with its layers stacked per cache group `bounds`. A loop of jitted
-        chunk calls regroups once before the loop: slicing a stack inside a jitted call would
-        copy every weight on every call."""
+        """The same model with its layers stacked per cache group `bounds` (a new module; this
+        one is unchanged). Inside a jitted call this slices the stacks, so eager loops use
+        `group_layers` once before they start instead."""
         if bounds == self.bounds:
             return self
-        names = self.stacks[0].weights().keys()
-        joined = {n: jnp.concatenate([s.weights()[n] for s in self.stacks]) for n in names}
-        stacks = [LayerStack(self.cfg, {n: w[a:b] for n, w in joined.items()}) for a, b in bounds]
+        old = self._weights_by_name()
         top = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
         if not self.cfg.tie_embeddings:
             top["lm_head"] = self.lm_head[...]
+        stacks = [LayerStack(self.cfg, w) for w in self._restacked(old, bounds)]
         return Transformer(self.cfg, top, stacks, tuple(bounds))
+
+    def group_layers(self, bounds: tuple[tuple[int, int], ...]) -> None:
+        """Restack this model's layers per cache group `bounds`, in place. A loop of jitted
+        chunk calls groups once before the loop (slicing a stack inside a jitted call would
+        copy every weight on every call). The old stacks are let go one weight name at a
+        time, so the process holds one copy of the layer weights, plus at most one name's
+        worth while it restacks, and not the two copies a new module would mean."""
+        if bounds == self.bounds:
+            return
+        old = self._weights_by_name()
+        self.stacks = nnx.List([])  # `old` now holds the only references to the old weights
+        grouped = self._restacked(old, bounds)
+        self.stacks = nnx.List([LayerStack(self.cfg, w) for w in grouped])
+        self.bounds = tuple(bounds)
+
+    def _weights_by_name(self) -> dict[str, list[jax.Array]]:
+        """name -> that weight's arrays, one per current stack."""
+        return {n: [s.weights()[n] for s in self.stacks] for n in self.stacks[0].weights()}
+
+    def _restacked(self, old: dict[str, list[jax.Array]], bounds) -> list[dict[str, jax.Array]]:
+        """Per new group of `bounds`, its weights {name: [b - a, ...]} cut from `old` (name ->
+        the arrays of the current stacks). Consumes `old` name by name, so a name's old
+        arrays can be freed before the next name is restacked."""
+        grouped: list[dict[str, jax.Array]] = [{} for _ in bounds]
+        for name in list(old):
+            arrays = old.pop(name)
+            for group, (a, b) in zip(grouped, bounds):
+                group[name] = _layer_range(arrays, self.bounds, a, b)
+            del arrays
+        return grouped
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits [..., V] in float32 from final hidden states [..., E]."""

@@ -39,9 +39,10 @@ class StepOutput:
 
 
 def split_model(model: Transformer, cache: KVCache) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graph, state) of `model` with its layers stacked per the cache's groups: split once
-    before a loop of `chunk_step` calls."""
-    return nnx.split(model.regroup(cache.bounds))
+    """(graph, state) of `model` with its layers stacked per the cache's groups (in place,
+    `Transformer.group_layers`): split once before a loop of `chunk_step` calls."""
+    model.group_layers(cache.bounds)
+    return nnx.split(model)
 
 
 @partial(jax.jit, static_argnames=("graph", "policy", "probe"), donate_argnames=("cache",))

@@ -129,3 +129,30 @@ def test_regroup_splits_layers_per_cache_group():
     assert [s.wq[...].shape[0] for s in grouped.stacks] == [1, 2]
     np.testing.assert_array_equal(grouped.stacks[1].wq[...][1], model.stacks[0].wq[...][2])
     assert grouped.regroup(((0, 3),)).bounds == ((0, 3),)
+
+
+def test_group_layers_restacks_in_place_and_lets_the_old_weights_go():
+    import gc
+    import weakref
+
+    import jax
+    import numpy as np
+
+    from smartkv_jax.model import Transformer
+
+    from .conftest import tiny_config
+
+    model = Transformer.init_random(tiny_config(num_layers=4), jax.random.PRNGKey(0))
+    want = {n: np.array(w) for n, w in model.stacks[0].weights().items()}  # copies
+    old = weakref.ref(model.stacks[0].w_up[...])
+    model.group_layers(((0, 1), (1, 3), (3, 4)))
+    gc.collect()
+    assert old() is None  # no second copy of the weights is held
+    assert model.bounds == ((0, 1), (1, 3), (3, 4))
+    for name, w in want.items():
+        np.testing.assert_array_equal(np.concatenate([s.weights()[name] for s in model.stacks]), w)
+    model.group_layers(((0, 2), (2, 4)))  # across the old groups' edges
+    np.testing.assert_array_equal(model.stacks[1].wq[...], want["wq"][2:])
+    kept = model.stacks[1].wq[...]
+    model.group_layers(((0, 2), (2, 4)))  # already so: nothing is copied
+    assert model.stacks[1].wq[...] is kept
