@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from .attention import AttentionRule
 from .cache import LayerCache
+from .eviction import places
 from .rope import rotate
 
 
@@ -133,40 +134,19 @@ def expected_attention_scores(view: ContextView, n_future: int = 512) -> jax.Arr
     return expected_attention(c.k, c.v, view.live_BKS, mu, cov, view.rule.scale)
 
 
-def _places(rank_BKN: jax.Array) -> jax.Array:
-    """Each entry's place in its row, best first (0 = the best; ties: the lower index
-    first), int32: one sort, then its inverse permutation by a scatter (a second argsort
-    costs as much as the first on CPU)."""
-    order_BKN = jnp.argsort(-rank_BKN, axis=-1, stable=True)
-    return scatter_last(
-        order_BKN, jnp.arange(rank_BKN.shape[-1], dtype=jnp.int32), rank_BKN.shape[-1]
-    )
-
-
-def scatter_last(dest_BKN: jax.Array, values_N: jax.Array, size: int) -> jax.Array:
-    """[B, K, size] int32 holding values_N[n] at place dest_BKN[..., n] of each row (a place
-    >= size is dropped; a place nothing lands on holds 0)."""
-    b, k, n = dest_BKN.shape
-
-    def row(dest_N):
-        return jnp.zeros(size, jnp.int32).at[dest_N].set(values_N, mode="drop")
-
-    return jax.vmap(row)(dest_BKN.reshape(b * k, n)).reshape(b, k, size)
-
-
 def head_adaptive_keep(rank_BKS: jax.Array, capacity: jax.Array, alpha: float) -> jax.Array:
     """Ada-KV's budget rule: the layer keeps K * capacity slots in all, each head at least
     floor(alpha * capacity) of its best, the rest the best of all heads pooled. Slots
     ranked -inf are never kept. capacity may be traced. Returns keep [B, K, S] bool."""
     b, kh, s = rank_BKS.shape
     safe = jnp.floor(alpha * capacity)
-    guaranteed = (_places(rank_BKS) < safe) & jnp.isfinite(rank_BKS)
+    guaranteed = (places(rank_BKS) < safe) & jnp.isfinite(rank_BKS)
     boosted = jnp.where(guaranteed, jnp.inf, rank_BKS).reshape(b, 1, kh * s)
-    keep = (_places(boosted) < kh * capacity).reshape(b, kh, s)
+    keep = (places(boosted) < kh * capacity).reshape(b, kh, s)
     return keep & (rank_BKS > -jnp.inf)
 
 
 def per_head_keep(rank_BKS: jax.Array, capacity: jax.Array) -> jax.Array:
     """The `capacity` best-ranked slots of each head (never one ranked -inf; capacity may be
     traced). [B, K, S]"""
-    return (_places(rank_BKS) < capacity) & (rank_BKS > -jnp.inf)
+    return (places(rank_BKS) < capacity) & (rank_BKS > -jnp.inf)

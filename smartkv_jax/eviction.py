@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["reference_evict_slots", "sorted_evict_slots"]
+__all__ = [
+    "packed_indices",
+    "places",
+    "reference_evict_slots",
+    "scatter_last",
+    "sorted_evict_slots",
+]
 
 
 def reference_evict_slots(
@@ -92,6 +98,34 @@ def reference_evict_slots(
     return pos_BKS, score_BKS, rank_BKS, dest_BKC
 
 
+def scatter_last(dest_BKN: jax.Array, values_N: jax.Array, size: int) -> jax.Array:
+    """[B, K, size] int32 holding values_N[n] at place dest_BKN[..., n] of each row (a place
+    >= size is dropped; a place nothing lands on holds 0)."""
+    b, k, n = dest_BKN.shape
+
+    def row(dest_N):
+        return jnp.zeros(size, jnp.int32).at[dest_N].set(values_N, mode="drop")
+
+    return jax.vmap(row)(dest_BKN.reshape(b * k, n)).reshape(b, k, size)
+
+
+def places(rank_BKN: jax.Array) -> jax.Array:
+    """Each entry's place in its row, best first (0 = the best; ties: the lower index
+    first), int32: one sort, then its inverse permutation by a scatter (a second argsort
+    costs as much as the first on CPU)."""
+    order_BKN = jnp.argsort(-rank_BKN, axis=-1, stable=True)
+    n = rank_BKN.shape[-1]
+    return scatter_last(order_BKN, jnp.arange(n, dtype=jnp.int32), n)
+
+
+def packed_indices(mask_BKN: jax.Array, size: int) -> jax.Array:
+    """[B, K, size] int32: the indices where each row of mask_BKN is True, ascending, then
+    zeros (a cumulative sum and a scatter, no sort)."""
+    n = mask_BKN.shape[-1]
+    place = jnp.where(mask_BKN, jnp.cumsum(mask_BKN, axis=-1) - 1, size)
+    return scatter_last(place, jnp.arange(n, dtype=jnp.int32), size)
+
+
 def sorted_evict_slots(
     pos_BKS: jax.Array,
     score_BKS: jax.Array,
@@ -101,7 +135,8 @@ def sorted_evict_slots(
     new_rank_BKC: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`reference_evict_slots` for a whole chunk at once: one stable sort of the S + C ranks
-    instead of C sequential argmins (O((S + C) log(S + C)) rather than O(C * S) per row).
+    instead of C sequential argmins (O((S + C) log(S + C)) rather than O(C * S) per row),
+    and no sort at all while the free slots (rank -inf) take every new token.
 
     Keeps the same set as the greedy rule: the top S of the S + C candidates, with the
     greedy rule's tie order (old slots before new tokens, the lowest old slot evicted first,
@@ -116,15 +151,19 @@ def sorted_evict_slots(
     new_rank_BKC = jnp.asarray(new_rank_BKC).astype(jnp.float32)
     new_rank_BKC = jnp.where(new_pos_BKC >= 0, new_rank_BKC, -jnp.inf)
     rank_BKS = jnp.asarray(rank_BKS).astype(jnp.float32)
-    # old slots reversed: on equal rank the greedy rule evicts the lowest slot index first
-    rank_all = jnp.concatenate([rank_BKS[..., ::-1], new_rank_BKC], axis=-1)
-    order = jnp.argsort(-rank_all, axis=-1, stable=True)  # best first; -inf last
-    place = jnp.argsort(order, axis=-1, stable=True)  # position of each candidate in order
-    keep = place < S
-    evicted_BKS, taken_BKC = ~keep[..., :S][..., ::-1], keep[..., S:]
-    free_BKS = jnp.argsort(~evicted_BKS, axis=-1, stable=True)  # evicted slots first, ascending
+    free_BKS, coming_BKC = rank_BKS == -jnp.inf, new_rank_BKC > -jnp.inf
+    fits = jnp.all(jnp.sum(free_BKS, -1) >= jnp.sum(coming_BKC, -1))
+
+    def by_rank():
+        # old slots reversed: on equal rank the greedy rule evicts the lowest slot first
+        keep = places(jnp.concatenate([rank_BKS[..., ::-1], new_rank_BKC], axis=-1)) < S
+        return ~keep[..., :S][..., ::-1], keep[..., S:]
+
+    # while every new token finds a free slot, the greedy rule fills the lowest free ones
+    evicted_BKS, taken_BKC = jax.lax.cond(fits, lambda: (free_BKS, coming_BKC), by_rank)
     nth_BKC = jnp.maximum(jnp.cumsum(taken_BKC, axis=-1) - 1, 0)
-    dest_BKC = jnp.where(taken_BKC, jnp.take_along_axis(free_BKS, nth_BKC, axis=-1), S)
+    slots_BKS = packed_indices(evicted_BKS, S)  # evicted slots, ascending
+    dest_BKC = jnp.where(taken_BKC, jnp.take_along_axis(slots_BKS, nth_BKC, axis=-1), S)
     B, K = dest_BKC.shape[:2]
     idx = (jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], dest_BKC)
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from .attention import AttentionRule
 from .cache import KVCache, LayerCache, init_cache
-from .context_scores import ContextView, scatter_last
+from .context_scores import ContextView
+from .eviction import packed_indices
 from .gates import Gates, layer_params
 from .generate import GenerationResult, continue_generation
 from .kernels import resolve_kernels
@@ -181,9 +182,7 @@ def _kept(policy, size: int, capacity: jax.Array, view: ContextView) -> LayerCac
     lc = view.cache
     rank = policy.ranks(lc.pos, policy.context_scores(view), view.t_B)
     keep = policy.context_keep(rank, capacity)
-    s = keep.shape[-1]
-    place = jnp.where(keep, jnp.cumsum(keep, axis=-1) - 1, size)  # kept slots first, in order
-    idx = scatter_last(place, jnp.arange(s, dtype=jnp.int32), size)  # [B, K, size]
+    idx = packed_indices(keep, size)  # [B, K, size]: kept slots first, in order
     took = jnp.arange(size) < jnp.sum(keep, axis=-1, keepdims=True)
     pick = partial(jnp.take_along_axis, indices=idx[..., None], axis=2)
     pos = jnp.where(took, jnp.take_along_axis(lc.pos, idx, axis=-1), -1)

@@ -72,6 +72,10 @@ def make_case(kind, B, K, S, C, D, seed=0):
         pos[:], rank[:] = -1, -INF
     elif kind == "some_empty":
         pos[:, :, 1::2], rank[:, :, 1::2] = -1, -INF
+    elif kind == "room":  # the free slots take every new token (no eviction)
+        pos[:, :, 1::2], rank[:, :, 1::2] = -1, -INF
+        new_pos[:, :, 1] = -1  # padding
+        new_rank[:, :, 2] = -INF  # a real token ranked -inf is not kept
     elif kind == "all_dropped":
         new_rank = rank.min() - 1.0 - rng.random((B, K, C)).astype(np.float32)
     elif kind == "protected":
@@ -98,6 +102,7 @@ CASES = [
     ("random", 2, 3, 6, 9, 8),
     ("empty_cache", 1, 2, 8, 3, 4),
     ("some_empty", 2, 1, 7, 1, 4),
+    ("room", 2, 2, 12, 6, 4),
     ("all_dropped", 1, 2, 5, 4, 4),
     ("protected", 1, 2, 6, 5, 4),
     ("invalid_new", 2, 1, 4, 6, 4),
@@ -182,6 +187,9 @@ def test_sorted_chunk_path_keeps_the_greedy_set(kind, B, K, S, C, D):
     sk = numpy_write_rows(k, dest, new_k)
     np.testing.assert_array_equal(np.sort(np.asarray(srank), 2), np.sort(grank, 2))
     _assert_same_set(spos, sscore, sk, gpos, gscore, gk)
+    if kind in ("empty_cache", "room"):  # no sort: the greedy rule's own slots, in order
+        greedy_dest = reference_evict_slots(pos, score, rank, new_pos, new_score, new_rank)[3]
+        np.testing.assert_array_equal(np.asarray(dest), np.asarray(greedy_dest))
 
 
 @pytest.mark.parametrize("fn", [reference_evict_slots, sorted_evict_slots])
