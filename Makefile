@@ -56,8 +56,14 @@ demo: $(VENV_STAMP)
 		--prompt $(PROMPT)
 
 # the style check runs first, so `make test` (and CI) fail on lint too
+# Two pytest processes, half the test files each: XLA's CPU backend maps memory for every
+# program it compiles, and one process compiling the whole suite's programs can run out of
+# memory mappings (vm.max_map_count) and crash inside the compiler.
+TEST_FILES := $(sort $(wildcard tests/test_*.py))
+TEST_HALF := $(shell echo $$(( ($(words $(TEST_FILES)) + 1) / 2 )))
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(wordlist 1,$(TEST_HALF),$(TEST_FILES))
+	$(PY) -m pytest -q $(wordlist $(shell echo $$(( $(TEST_HALF) + 1 ))),999,$(TEST_FILES))
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
