@@ -20,7 +20,10 @@ protected slots rank +inf (never replaced). This greedy replacement keeps the to
 of the S + C candidates. Ranks must not be NaN.
 
 `reference_evict_slots` runs the rule literally (C argmins; used for decode, C = 1);
-`sorted_evict_slots` keeps the same set with one sort (used for prefill chunks).
+`sorted_evict_slots` keeps the same set with one sort, or none while free slots suffice
+(used for prefill chunks). The slot-ordering primitives it is built from (`places`: ranks to
+places with one sort; `packed_indices`: a mask's indices without a sort; `scatter_last`) are
+shared with the oneshot compression and the per-head budget rules.
 """
 
 from __future__ import annotations

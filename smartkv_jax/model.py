@@ -334,7 +334,6 @@ class Transformer(nnx.Module):
             arrays = old.pop(name)
             for group, (a, b) in zip(grouped, bounds):
                 group[name] = _layer_range(arrays, self.bounds, a, b)
-            del arrays
         return grouped
 
     def logits(self, hidden: jax.Array) -> jax.Array:
