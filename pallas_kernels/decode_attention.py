@@ -74,6 +74,17 @@ def _check_inputs(
     return B, H, K, T, S, D
 
 
+def _logits(q_BKGTD: jax.Array, k_BKSD: jax.Array) -> jax.Array:
+    """q . k over D, [B, K, G, T, S] float32. With one query per row (decode) the product is
+    laid out slots-major ([B, K, S, G]: slots as the matmul's rows) and transposed after: on
+    XLA's CPU backend that runs about 3x faster than G x D rows times S columns, while for a
+    prefill chunk (T > 1) the query-major product is the faster one."""
+    if q_BKGTD.shape[3] != 1:
+        return jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, precision=_HIGHEST)
+    s_BKSG = jnp.einsum("bksd,bkgd->bksg", k_BKSD, q_BKGTD[:, :, :, 0], precision=_HIGHEST)
+    return jnp.swapaxes(s_BKSG, 2, 3)[:, :, :, None, :]
+
+
 def _valid(slot_pos: jax.Array, q_pos: jax.Array, window: int) -> jax.Array:
     """Which (query, slot) pairs attend: broadcastable int32 positions -> bool."""
     ok = (slot_pos >= 0) & (slot_pos <= q_pos)
@@ -112,7 +123,7 @@ def reference_decode_attention(
     q_BKGTD = q_BHTD.astype(jnp.float32).reshape(B, K, G, T, D)
     k_BKSD = k_BKSD.astype(jnp.float32)
     v_BKSD = v_BKSD.astype(jnp.float32)
-    s_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, precision=_HIGHEST) * scale
+    s_BKGTS = _logits(q_BKGTD, k_BKSD) * scale
     slot_pos_BK11S = slot_pos_BKS.astype(jnp.int32)[:, :, None, None, :]
     q_pos_B11T1 = q_pos_BT.astype(jnp.int32)[:, None, None, :, None]
     valid_BK1TS = _valid(slot_pos_BK11S, q_pos_B11T1, window)
