@@ -174,16 +174,21 @@ def context_view(
     )
 
 
-@partial(jax.jit, static_argnames=("policy", "size"))
-def _kept(policy, size: int, capacity: jax.Array, view: ContextView) -> LayerCache:
-    """The slots `policy` (its capacity stripped, so one program serves every budget) keeps
-    at `capacity` slots per head, packed into `size` slots (kept first, in position order;
-    the rest empty)."""
-    lc = view.cache
-    rank = policy.ranks(lc.pos, policy.context_scores(view), view.t_B)
-    keep = policy.context_keep(rank, capacity)
-    idx = packed_indices(keep, size)  # [B, K, size]: kept slots first, in order
-    took = jnp.arange(size) < jnp.sum(keep, axis=-1, keepdims=True)
+@partial(jax.jit, static_argnames="policy")
+def _keep(policy, capacity: jax.Array, view: ContextView) -> jax.Array:
+    """Which slots [B, K, S] `policy` (its capacity stripped, so one program serves every
+    budget) keeps at `capacity` slots per head (a head-adaptive rule may give one head
+    more)."""
+    rank = policy.ranks(view.cache.pos, policy.context_scores(view), view.t_B)
+    return policy.context_keep(rank, capacity)
+
+
+@partial(jax.jit, static_argnames="size")
+def _pack(lc: LayerCache, keep_BKS: jax.Array, size: int) -> LayerCache:
+    """The kept slots of `lc` packed into `size` slots per head (>= the most any head
+    keeps): kept first, in position order; the rest empty."""
+    idx = packed_indices(keep_BKS, size)  # [B, K, size]: kept slots first, in order
+    took = jnp.arange(size) < jnp.sum(keep_BKS, axis=-1, keepdims=True)
     pick = partial(jnp.take_along_axis, indices=idx[..., None], axis=2)
     pos = jnp.where(took, jnp.take_along_axis(lc.pos, idx, axis=-1), -1)
     k, v = (jnp.where(took[..., None], pick(x), 0) for x in (lc.k, lc.v))  # empty slots: 0
@@ -233,27 +238,24 @@ def compress(
     length) of the sample, which oracle layers rank by. size_length (>= the context's
     length; default: it): the layers' slot counts are reckoned as if the context were that
     long (capacities scaled up in proportion), so that contexts of slightly different
-    lengths share cache shapes and compiled programs."""
+    lengths share cache shapes and compiled programs; a layer where some head keeps more
+    than that (a head-adaptive rule) grows to hold it, room included."""
     cfg = model.cfg
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
     scale = max(size_length or ctx.length, ctx.length) / ctx.length
+    keeps = _keeps(rows, views, oracle_LKT, ctx.length)
+    # the most slots one head of a row keeps, per layer (a head-adaptive rule can give a head
+    # more than its share; the packed layer must hold it and still leave `room`)
+    most = jax.device_get({i: [jnp.max(jnp.sum(k, -1)) for k in ks] for i, ks in keeps.items()})
     layers = []
     for i, view in enumerate(views):
         if view is None:  # the model's own window: the native cache, in every row
             layers.append([_layer_cache(ctx.cache, i)] * len(rows))
             continue
         caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
-        size = -(-(math.ceil(max(caps) * scale) + room) // SIZE_STEP) * SIZE_STEP
-        packed = [
-            _kept(
-                dataclasses.replace(r.layers[i], capacity=None),
-                size,
-                jnp.int32(c),
-                _view_for(r.layers[i], view, oracle_LKT, i),
-            )
-            for r, c in zip(rows, caps)
-        ]
-        layers.append(packed)
+        slots = max(math.ceil(max(caps) * scale), int(max(most[i])))
+        size = -(-(slots + room) // SIZE_STEP) * SIZE_STEP
+        layers.append([_pack(view.cache, keep, size) for keep in keeps[i]])
     counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
     kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
     native = [
@@ -265,6 +267,22 @@ def compress(
     cache = place_cache(_stack_rows(table, layers), mesh)
     cache = dataclasses.replace(cache, mesh=mesh)  # a Pallas kernel then runs per shard
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
+
+
+def _keeps(rows: Sequence[PolicyConfig], views, oracle_LKT, length: int) -> dict:
+    """{global layer: each row's keep [B, K, S]} at the rows' capacities (resolved tables)."""
+    return {
+        i: [
+            _keep(
+                dataclasses.replace(r.layers[i], capacity=None),
+                jnp.int32(min(r.layers[i].capacity or length, length)),
+                _view_for(r.layers[i], view, oracle_LKT, i),
+            )
+            for r in rows
+        ]
+        for i, view in enumerate(views)
+        if view is not None
+    }
 
 
 def _view_for(policy, view: ContextView, oracle_LKT: np.ndarray | None, layer: int):

@@ -266,17 +266,28 @@ class LifespanPolicy(ProtectedPolicy):
         are predicted long-lived as they age, at a cost of g per log4 of their age.
     mask_expired: hide expired slots from attention before they are evicted (off by default:
         on SmolLM2 it made even the oracle worse than a plain window).
+    adaptive: None gives each KV head its own `capacity`; a fraction alpha shares the layer's
+        K * capacity slots among its heads by rank when a whole context is compressed at
+        once (Ada-KV's rule, `head_adaptive_keep`: each head keeps at least alpha of its
+        share). Streaming, each head's cache is its fixed share, so the field does nothing.
     """
 
     kind: ClassVar[str] = ""
     margin: float = 1.0
     discount: float | None = None
     mask_expired: bool = False
+    adaptive: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.margin <= 0 or (self.discount is not None and self.discount < 0):
+        bad_share = self.adaptive is not None and not 0 <= self.adaptive <= 1
+        if self.margin <= 0 or (self.discount is not None and self.discount < 0) or bad_share:
             raise ValueError(f"invalid policy settings: {self}")
+
+    def context_keep(self, rank_BKS, capacity):
+        if self.adaptive is None:
+            return super().context_keep(rank_BKS, capacity)
+        return head_adaptive_keep(rank_BKS, capacity, self.adaptive)
 
     def expiry(self, pos: jax.Array, score: jax.Array) -> jax.Array:
         life = self.margin * jnp.power(4.0, jnp.clip(score, -2.0, 10.0))
@@ -298,7 +309,8 @@ class LifespanPolicy(ProtectedPolicy):
 
     def settings(self) -> str:
         life = f"margin {self.margin}" if self.discount is None else f"discount {self.discount}"
-        return f"{life}, sinks {self.n_sink}, recent {self.recent}"
+        heads = "" if self.adaptive is None else f", heads share (alpha {self.adaptive})"
+        return f"{life}, sinks {self.n_sink}, recent {self.recent}{heads}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from smartkv_jax.oneshot import (
     prefill_context,
 )
 from smartkv_jax.policy_table import PolicyConfig, make_policy
+from train.policy_names import parse_policy
 
 from .conftest import tiny_config
 
@@ -127,3 +128,24 @@ def test_oracle_keeps_the_keys_the_sample_will_use(setup):
         assert not set(planted) <= set(pos[1].tolist())  # head 1's lifespans are all zero
     with pytest.raises(ValueError, match="oracle_LKT"):
         compress(model, ctx, [oracle], 16, context_views(model, ctx))
+
+
+def test_a_head_that_takes_more_than_its_share_keeps_it_all_and_the_room(setup):
+    """Heads sharing the budget (Ada-KV's rule) on the oracle's lifespans: head 0 says every
+    key lives long, so it takes all T of its slots, more than the 256 a head's share (80% of
+    T, plus room) is packed into; the layer grows to hold them and the room, and the others
+    share the rest."""
+    model, _, question, ctx = setup
+    oracle = parse_policy("oracle:adaptive", CFG.num_layers, T, 0.8)
+    life_LKT = np.zeros((CFG.num_layers, CFG.num_kv_heads, T + len(question)), np.float32)
+    life_LKT[:, 0] = 6.0
+    packed = compress(model, ctx, [oracle], 16, context_views(model, ctx), life_LKT)
+    share = int(0.8 * T)
+    np.testing.assert_array_equal(packed.kept_RL, CFG.num_kv_heads * share)
+    for layer in range(CFG.num_layers):
+        pos = np.asarray(_layer_cache(packed.cache, layer).pos)[0]  # [K, S]
+        assert pos.shape[-1] == 512  # T + room, in steps of 256
+        assert sorted(pos[0][pos[0] >= 0].tolist()) == list(range(T))
+        assert (pos[1:] >= 0).sum() == CFG.num_kv_heads * share - T
+    out = answer(model, packed, T, question, 4, stop_tokens=()).tokens[0]
+    assert len(out) == 4

@@ -1,5 +1,6 @@
 """Policy names: every form (kinds, gated-only, hybrid, hybrid-calibrated from tables and label
-stores, .json tables, :mask / :expiry / :discount=X suffixes in any order) and clear errors."""
+stores, .json tables, :mask / :adaptive / :expiry / :discount=X suffixes in any order) and
+clear errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from smartkv_jax.policy import POLICY_KINDS, GatedPolicy, WindowPolicy
 from smartkv_jax.policy_table import PolicyConfig
 from train.policy_names import (
+    ADAPTIVE,
+    ADAPTIVE_ALPHA,
     CALIBRATED,
     EXPIRY,
     MASK,
@@ -87,6 +90,19 @@ def test_mask_and_expiry_change_only_lifespan_layers():
     assert {(p.discount, p.mask_expired) for p in both.layers} == {(None, True)}
 
 
+def test_adaptive_shares_heads_in_lifespan_layers_only():
+    hybrid = parse_policy("hybrid" + ADAPTIVE + MASK, 30, 1024, 0.25)
+    plain = parse_policy("hybrid", 30, 1024, 0.25)
+    assert split_name(hybrid.name) == ("hybrid", {ADAPTIVE, MASK})
+    assert (hybrid.layers[0], hybrid.layers[-1]) == (plain.layers[0], plain.layers[-1])
+    want = dataclasses.replace(plain.layers[15], adaptive=ADAPTIVE_ALPHA, mask_expired=True)
+    assert hybrid.layers[15] == want
+    assert {p.adaptive for p in plain.layers if isinstance(p, GatedPolicy)} == {None}
+    assert "heads share (alpha 0.2)" in hybrid.layers[15].describe()
+    with pytest.raises(ValueError, match="invalid policy settings"):
+        dataclasses.replace(plain.layers[15], adaptive=1.5)
+
+
 def test_json_tables(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(PolicyConfig.uniform(3, WindowPolicy(capacity=30)).to_json())
@@ -135,5 +151,5 @@ def test_calibrated_from_a_label_store(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["windw", "hybrid:bogus", "", ":mask", "gated-only-x"])
 def test_unknown_names_are_refused(name):
-    with pytest.raises(ValueError, match=r"unknown policy .*hybrid-calibrated.*':mask'"):
+    with pytest.raises(ValueError, match=r"unknown policy .*hybrid-calibrated.*:mask, :adaptive"):
         parse_policy(name, 3, 1024, 0.25)

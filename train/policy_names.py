@@ -11,6 +11,9 @@ A name is a base name with optional suffixes, in any order:
     hybrid-calibrated                                              calibrated from labels (below)
     PATH.json                                                      a policy table file
     :mask    hide expired slots from attention in gated and oracle layers
+    :adaptive  in a oneshot compression, gated and oracle layers share each layer's budget
+             among its KV heads by rank (Ada-KV's rule, each head at least ADAPTIVE_ALPHA of
+             its share) instead of giving every head the same number of slots
     :expiry  rank gated and oracle slots by predicted expiry instead of age-discounted life
     :discount=X  rank them by predicted log4 life - X * log4(1 + age) (X >= 0; the
              calibrated default is train.calibrate.DISCOUNT), for sweeping the discount
@@ -32,19 +35,23 @@ from smartkv_jax.policy_table import PolicyConfig, check_budget, make_policy
 
 CALIBRATED = "hybrid-calibrated"
 MASK = ":mask"
+ADAPTIVE = ":adaptive"
+ADAPTIVE_ALPHA = 0.2  # Ada-KV's default floor: a head keeps at least 20% of its share
 EXPIRY = ":expiry"
 DISCOUNT_SUFFIX = ":discount="  # followed by a number
+FLAGS = (MASK, ADAPTIVE, EXPIRY)  # suffixes without a value
 # what policy_table.make_policy reads
 LIBRARY_NAMES = ("gated-only", "hybrid", "pyramidkv", *POLICY_KINDS)
 
 
 def split_name(name: str) -> tuple[str, frozenset[str]]:
-    """(base name, its trailing MASK / EXPIRY / DISCOUNT_SUFFIX suffixes, in any order)."""
+    """(base name, its trailing MASK / ADAPTIVE / EXPIRY / DISCOUNT_SUFFIX suffixes, in any
+    order)."""
     found: set[str] = set()
     while True:
         head, sep, tail = name.rpartition(":")
         suffix = sep + tail
-        if not (sep and (suffix in (MASK, EXPIRY) or suffix.startswith(DISCOUNT_SUFFIX))):
+        if not (sep and (suffix in FLAGS or suffix.startswith(DISCOUNT_SUFFIX))):
             return name, frozenset(found)
         found.add(suffix)
         name = head
@@ -73,7 +80,7 @@ def _discount(name: str, suffixes: frozenset[str]) -> dict[str, float | None]:
 
 
 def base_name(name: str) -> str:
-    """A policy name without its MASK / EXPIRY suffixes."""
+    """A policy name without its suffixes."""
     return split_name(name)[0]
 
 
@@ -107,6 +114,8 @@ def parse_policy(
     changes = _discount(name, suffixes)
     if MASK in suffixes:
         changes["mask_expired"] = True
+    if ADAPTIVE in suffixes:
+        changes["adaptive"] = ADAPTIVE_ALPHA
     layers = tuple(
         dataclasses.replace(p, **changes) if isinstance(p, LifespanPolicy) else p
         for p in policy.layers
@@ -131,7 +140,8 @@ def check_policy_name(name: str, calibrated: str | None = None) -> None:
     elif base not in LIBRARY_NAMES:
         raise SmartKVError(
             f"unknown policy {name!r}; use {', '.join(LIBRARY_NAMES)}, {CALIBRATED} or a .json "
-            f"policy table, optionally with {MASK!r}, {EXPIRY!r} or {DISCOUNT_SUFFIX!r}X suffixes"
+            f"policy table, optionally with the suffixes {', '.join(FLAGS)} or "
+            f"{DISCOUNT_SUFFIX}X"
         )
 
 
