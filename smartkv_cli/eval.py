@@ -59,7 +59,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "policies",
         help="policies to sweep: full window recent h2o tova snapkv knorm random gated-only "
         "hybrid hybrid-calibrated oracle, or .json policy tables; a ':mask' suffix "
-        "(oracle:mask, hybrid:mask) hides expired slots from attention; "
+        "(oracle:mask, hybrid:mask) hides expired slots from attention; ':adaptive' lets "
+        "gated layers share their budget among KV heads in a oneshot compression; "
         "hybrid-calibrated:expiry ranks its gated keys by predicted expiry instead of "
         "age-discounted predicted life; ':discount=X' sets that age discount (predicted "
         "log4 life - X * log4(1 + age))",

@@ -208,6 +208,7 @@ def _add_generate(sub) -> None:
         help="cache policy: full, hybrid (the seed's per-layer rule), hybrid-calibrated (needs "
         "--calibrated), gated-only, window, recent, h2o, tova, snapkv, knorm, random, or a "
         "JSON policy table file; a ':mask' suffix hides expired slots from attention, "
+        "':adaptive' shares gated layers' budgets among KV heads (oneshot compression), "
         "':expiry' ranks gated keys by predicted expiry, ':discount=X' by predicted log4 "
         "life - X * log4(1 + age)",
     )
