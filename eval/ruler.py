@@ -181,7 +181,10 @@ class RulerRun:
         (rows of one budget have similar capacities, so none is padded far). The rows'
         slot counts are reckoned at the nominal `length` (which the sample's context,
         question and answer fit in), so samples of one length and task share cache shapes
-        and compiled programs."""
+        and compiled programs. Rows whose heads share a layer's budget (Ada-KV) keep
+        sample-dependent slot counts per head, so they go in a batch of their own, one
+        slot count for every layer (`compress(one_size=True)`): the others' programs stay
+        the same from sample to sample."""
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         jax.block_until_ready(ctx.cache)  # dispatch is asynchronous: time the work itself
@@ -190,15 +193,29 @@ class RulerRun:
         oracle = self._oracle(context, question)
         room = len(question) + max_new + 16
         answers, memory = {}, {}
-        for budget in sorted({m for _, m in self.settings.cells()}):
-            cells = [(p, m) for p, m in self.settings.cells() if m == budget]
-            policies = [self.policy(p, m, len(context)) for p, m in cells]
-            packed = compress(self.model, ctx, policies, room, views, oracle, size_length=length)
+        for batch in self._batches(len(context)):
+            policies = [policy for _, policy in batch]
+            shared = policies[0].shares_heads
+            packed = compress(
+                self.model, ctx, policies, room, views, oracle, length, one_size=shared
+            )
             res = answer(self.model, packed, len(context), question, max_new)
-            keys = [cell_key(p, m) for p, m in cells]
+            keys = [key for key, _ in batch]
             memory.update(zip(keys, packed.memory_fractions().tolist()))
             answers.update(zip(keys, res.tokens))
         return answers, memory, prefill_s
+
+    def _batches(self, context: int) -> list[list[tuple[str, PolicyConfig]]]:
+        """The cells as decode batches of (cell key, policy): per budget, the rows that give
+        each head its share, then those whose heads share the layer's budget."""
+        out = []
+        for budget in sorted({m for _, m in self.settings.cells()}):
+            cells = [(p, m) for p, m in self.settings.cells() if m == budget]
+            rows = [(cell_key(p, m), self.policy(p, m, context)) for p, m in cells]
+            for shared in (False, True):
+                batch = [row for row in rows if row[1].shares_heads == shared]
+                out += [batch] if batch else []
+        return out
 
     def _oracle(self, context, question) -> np.ndarray | None:
         """True log4 lifespans [L, K, T] of the sample's context and question keys (attention
