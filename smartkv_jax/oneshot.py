@@ -175,12 +175,13 @@ def context_view(
 
 
 @partial(jax.jit, static_argnames="policy")
-def _keep(policy, capacity: jax.Array, view: ContextView) -> jax.Array:
-    """Which slots [B, K, S] `policy` (its capacity stripped, so one program serves every
-    budget) keeps at `capacity` slots per head (a head-adaptive rule may give one head
-    more)."""
+def _keep(policy, capacity: jax.Array, view: ContextView) -> tuple[jax.Array, jax.Array]:
+    """(which slots [B, K, S] `policy` keeps at `capacity` slots per head, the most any one
+    head keeps []): its capacity stripped, so one program serves every budget; a
+    head-adaptive rule may give one head more than `capacity`."""
     rank = policy.ranks(view.cache.pos, policy.context_scores(view), view.t_B)
-    return policy.context_keep(rank, capacity)
+    keep = policy.context_keep(rank, capacity)
+    return keep, jnp.max(jnp.sum(keep, axis=-1))
 
 
 @partial(jax.jit, static_argnames="size")
@@ -247,13 +248,13 @@ def compress(
     cfg = model.cfg
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
     scale = max(size_length or ctx.length, ctx.length) / ctx.length
-    keeps = _keeps(rows, views, oracle_LKT, ctx.length)
+    keeps = _keeps(rows, views, oracle_LKT, ctx.length)  # {layer: [(keep, most)] per row}
     # the most slots one head of a row keeps, per layer (a head-adaptive rule can give a head
-    # more than its share; the packed layer must hold it and still leave `room`)
-    most = jax.device_get({i: [jnp.max(jnp.sum(k, -1)) for k in ks] for i, ks in keeps.items()})
+    # more than its share; the packed layer must hold it and still leave `room`): one transfer
+    most = jax.device_get({i: [m for _, m in ks] for i, ks in keeps.items()})
     sizes = {}
     for i in keeps:
-        caps = [min(r.layers[i].capacity or ctx.length, ctx.length) for r in rows]
+        caps = [_capacity(r.layers[i], ctx.length) for r in rows]
         slots = max(math.ceil(max(caps) * scale), int(max(most[i])))
         sizes[i] = -(-(slots + room) // SIZE_STEP) * SIZE_STEP
     if one_size and sizes:
@@ -263,7 +264,7 @@ def compress(
         if view is None:  # the model's own window: the native cache, in every row
             layers.append([_layer_cache(ctx.cache, i)] * len(rows))
             continue
-        layers.append([_pack(view.cache, keep, sizes[i]) for keep in keeps[i]])
+        layers.append([_pack(view.cache, keep, sizes[i]) for keep, _ in keeps[i]])
     counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
     kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
     native = [
@@ -277,13 +278,19 @@ def compress(
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
 
 
+def _capacity(policy, length: int) -> int:
+    """A resolved layer policy's slots per head for a context of `length` tokens."""
+    return min(policy.capacity or length, length)
+
+
 def _keeps(rows: Sequence[PolicyConfig], views, oracle_LKT, length: int) -> dict:
-    """{global layer: each row's keep [B, K, S]} at the rows' capacities (resolved tables)."""
+    """{global layer: each row's `_keep` (keep [B, K, S], the most one head keeps)} at the
+    rows' capacities (resolved tables)."""
     return {
         i: [
             _keep(
                 dataclasses.replace(r.layers[i], capacity=None),
-                jnp.int32(min(r.layers[i].capacity or length, length)),
+                jnp.int32(_capacity(r.layers[i], length)),
                 _view_for(r.layers[i], view, oracle_LKT, i),
             )
             for r in rows
