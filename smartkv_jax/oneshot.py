@@ -232,7 +232,6 @@ def compress(
     views: Sequence[ContextView | None],
     oracle_LKT: np.ndarray | None = None,
     size_length: int | None = None,
-    one_size: bool = False,
 ) -> Compressed:
     """One row per policy (each resolved at the context's length): its global layers keep
     what it ranks best (`views`: from `context_views`), each with `room` free slots for the
@@ -241,30 +240,29 @@ def compress(
     length; default: it): the layers' slot counts are reckoned as if the context were that
     long (capacities scaled up in proportion), so that contexts of slightly different
     lengths share cache shapes and compiled programs; a layer where some head keeps more
-    than that (a head-adaptive rule) grows to hold it, room included. one_size: every
-    compressed layer gets the largest layer's slot count, so the cache is one group whose
-    shape does not change with what each layer's heads happen to keep (for head-adaptive
-    rows: else each new pattern of layer sizes compiles new programs)."""
+    than that (a head-adaptive rule) grows to hold it, room included.
+
+    Every compressed layer gets the slot count of the largest, so they form one cache group
+    (one loop over the layers per decode step) whatever each row keeps per layer. The
+    slots past what a row holds stay empty, so this changes no answer, and decoding many
+    small groups (per-layer budgets, as PyramidKV's) costs more than the padding: a layer
+    loop of its own each, and the model's weights restacked to match."""
     cfg = model.cfg
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
     scale = max(size_length or ctx.length, ctx.length) / ctx.length
     keeps = _keeps(rows, views, oracle_LKT, ctx.length)  # {layer: [(keep, most)] per row}
-    # the most slots one head of a row keeps, per layer (a head-adaptive rule can give a head
+    # the most slots one head of a row keeps in a layer (a head-adaptive rule can give a head
     # more than its share; the packed layer must hold it and still leave `room`): one transfer
-    most = jax.device_get({i: [m for _, m in ks] for i, ks in keeps.items()})
-    sizes = {}
-    for i in keeps:
-        caps = [_capacity(r.layers[i], ctx.length) for r in rows]
-        slots = max(math.ceil(max(caps) * scale), int(max(most[i])))
-        sizes[i] = -(-(slots + room) // SIZE_STEP) * SIZE_STEP
-    if one_size and sizes:
-        sizes = dict.fromkeys(sizes, max(sizes.values()))
+    most = jax.device_get([m for ks in keeps.values() for _, m in ks])
+    caps = [_capacity(r.layers[i], ctx.length) for r in rows for i in keeps]
+    slots = max(math.ceil(max(caps, default=0) * scale), int(max(most, default=0)))
+    size = -(-(slots + room) // SIZE_STEP) * SIZE_STEP
     layers = []
     for i, view in enumerate(views):
         if view is None:  # the model's own window: the native cache, in every row
             layers.append([_layer_cache(ctx.cache, i)] * len(rows))
             continue
-        layers.append([_pack(view.cache, keep, sizes[i]) for keep, _ in keeps[i]])
+        layers.append([_pack(view.cache, keep, size) for keep, _ in keeps[i]])
     counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
     kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
     native = [

@@ -151,24 +151,25 @@ def test_a_head_that_takes_more_than_its_share_keeps_it_all_and_the_room(setup):
     assert len(out) == 4
 
 
-def test_one_size_puts_every_compressed_layer_in_one_group(setup):
-    """one_size gives every layer the largest layer's slot count (one cache group, so the
-    shapes do not follow what each layer's heads keep): the same slots kept, the same
-    answers. Here layer 0's head 0 takes all T keys, so layer 0 alone needs 512 slots."""
+def test_every_compressed_layer_takes_the_largest_slot_count(setup):
+    """Layer 0's head 0 takes all T keys, so layer 0 needs 512 slots: every layer gets as
+    many (one cache group), each keeps what its policy ranks best, and the empty slots
+    change no answer (the same compression with 256 more slots of room answers alike)."""
     model, _, question, ctx = setup
     oracle = parse_policy("oracle:adaptive", CFG.num_layers, T, 0.8)
     life_LKT = np.zeros((CFG.num_layers, CFG.num_kv_heads, T + len(question)), np.float32)
     life_LKT[0, 0] = 6.0
     views = context_views(model, ctx)
-    apart = compress(model, ctx, [oracle], 8, views, life_LKT)
-    one = compress(model, ctx, [oracle], 8, views, life_LKT, one_size=True)
-    assert [g.pos.shape[-1] for g in apart.cache.groups] == [512, 256]
+    one = compress(model, ctx, [oracle], 8, views, life_LKT)
+    roomy = compress(model, ctx, [oracle], 8 + 256, views, life_LKT)
     assert [g.pos.shape[-1] for g in one.cache.groups] == [512]
-    np.testing.assert_array_equal(one.kept_RL, apart.kept_RL)
+    assert [g.pos.shape[-1] for g in roomy.cache.groups] == [768]
+    np.testing.assert_array_equal(one.kept_RL, CFG.num_kv_heads * int(0.8 * T))
+    np.testing.assert_array_equal(roomy.kept_RL, one.kept_RL)
     for layer in range(CFG.num_layers):
-        a = np.asarray(_layer_cache(apart.cache, layer).pos)
-        b = np.asarray(_layer_cache(one.cache, layer).pos)
-        np.testing.assert_array_equal(b[..., : a.shape[-1]], a)
-        assert (b[..., a.shape[-1] :] == -1).all()
-    want = answer(model, apart, T, question, 6, stop_tokens=()).tokens
-    assert answer(model, one, T, question, 6, stop_tokens=()).tokens == want
+        a = np.asarray(_layer_cache(one.cache, layer).pos)
+        b = np.asarray(_layer_cache(roomy.cache, layer).pos)
+        np.testing.assert_array_equal(b[..., :512], a)
+        assert (b[..., 512:] == -1).all()
+    want = answer(model, one, T, question, 6, stop_tokens=()).tokens
+    assert answer(model, roomy, T, question, 6, stop_tokens=()).tokens == want
