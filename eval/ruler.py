@@ -180,7 +180,9 @@ class RulerRun:
         """One prefill; then every policy's compressed cache, a batch of rows at a time
         (`_batches`). The rows' slot counts are reckoned at the nominal `length` (which the
         sample's context, question and answer fit in), so samples of one length and task
-        share cache shapes and compiled programs."""
+        share cache shapes and compiled programs. Rows whose heads share a layer's budget
+        (Ada-KV) keep sample-dependent slot counts, so they go in a batch of their own: the
+        others' programs stay the same from sample to sample."""
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         jax.block_until_ready(ctx.cache)  # dispatch is asynchronous: time the work itself
@@ -199,22 +201,16 @@ class RulerRun:
         return answers, memory, prefill_s
 
     def _batches(self, context: int) -> list[list[tuple[str, PolicyConfig]]]:
-        """The cells as decode batches of (cell key, policy). Per budget, the rows that give
-        each head its share (similar slot counts, so none is padded far). Rows whose heads
-        share a layer's budget (Ada-KV) keep sample-dependent slot counts (a head may keep
-        every key), so they join the batch that keeps the whole context, whose slot count
-        they never exceed, or else go in a batch of their own: the other batches' shapes,
-        and so their compiled programs, stay the same from sample to sample."""
-        cells = self.settings.cells()
-        rows = [(m, cell_key(p, m), self.policy(p, m, context)) for p, m in cells]
-        shared = [(key, policy) for _, key, policy in rows if policy.shares_heads]
+        """The cells as decode batches of (cell key, policy): per budget, the rows that give
+        each head its share, then those whose heads share the layer's budget."""
         out = []
-        for budget in sorted({m for m, _, _ in rows}):
-            batch = [(k, p) for m, k, p in rows if m == budget and not p.shares_heads]
-            if budget >= 1:
-                batch, shared = batch + shared, []
-            out += [batch] if batch else []
-        return out + ([shared] if shared else [])
+        for budget in sorted({m for _, m in self.settings.cells()}):
+            cells = [(p, m) for p, m in self.settings.cells() if m == budget]
+            rows = [(cell_key(p, m), self.policy(p, m, context)) for p, m in cells]
+            for shared in (False, True):
+                batch = [row for row in rows if row[1].shares_heads == shared]
+                out += [batch] if batch else []
+        return out
 
     def _oracle(self, context, question) -> np.ndarray | None:
         """True log4 lifespans [L, K, T] of the sample's context and question keys (attention
