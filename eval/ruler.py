@@ -177,12 +177,13 @@ class RulerRun:
         }
 
     def _oneshot(self, context, question, max_new, length):
-        """One prefill; then every policy's compressed cache, a batch of rows at a time
+        """One prefill; then every policy's compressed cache, a batch of rows per budget
         (`_batches`). The rows' slot counts are reckoned at the nominal `length` (which the
         sample's context, question and answer fit in), so samples of one length and task
-        share cache shapes and compiled programs. Rows whose heads share a layer's budget
-        (Ada-KV) keep sample-dependent slot counts, so they go in a batch of their own: the
-        others' programs stay the same from sample to sample."""
+        share cache shapes and compiled programs. A row whose heads share a layer's budget
+        (Ada-KV) can need more slots than the batch's other rows, sample by sample; the
+        batch then grows to hold it (compiled once per size: they are multiples of
+        oneshot.SIZE_STEP)."""
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         jax.block_until_ready(ctx.cache)  # dispatch is asynchronous: time the work itself
@@ -201,16 +202,14 @@ class RulerRun:
         return answers, memory, prefill_s
 
     def _batches(self, context: int) -> list[list[tuple[str, PolicyConfig]]]:
-        """The cells as decode batches of (cell key, policy): per budget, the rows that give
-        each head its share, then those whose heads share the layer's budget."""
-        out = []
-        for budget in sorted({m for _, m in self.settings.cells()}):
-            cells = [(p, m) for p, m in self.settings.cells() if m == budget]
-            rows = [(cell_key(p, m), self.policy(p, m, context)) for p, m in cells]
-            for shared in (False, True):
-                batch = [row for row in rows if row[1].shares_heads == shared]
-                out += [batch] if batch else []
-        return out
+        """The cells as decode batches of (cell key, policy), one per budget. A decode step
+        reads the model's weights once per batch, so merging rows pays as long as their
+        slot counts are alike; the full cache (budget 1) decodes alone."""
+        cells = self.settings.cells()
+        return [
+            [(cell_key(p, m), self.policy(p, m, context)) for p, m in cells if m == budget]
+            for budget in sorted({m for _, m in cells})
+        ]
 
     def _oracle(self, context, question) -> np.ndarray | None:
         """True log4 lifespans [L, K, T] of the sample's context and question keys (attention

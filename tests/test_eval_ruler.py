@@ -65,16 +65,14 @@ def test_ruler_in_both_protocols(tiny, tmp_path, capsys):
                  "--samples", "3", "--no-progress"]) == 2  # fmt: skip
 
 
-def test_rows_whose_heads_share_a_budget_decode_in_a_batch_of_their_own():
+def test_each_budget_decodes_in_one_batch_and_the_full_cache_alone():
     policies = ("full", "window", "adakv", "oracle:adaptive", "h2o")
     settings = RulerSettings(policies=policies, memory=(0.25, 0.5))
     run = RulerRun(None, SimpleNamespace(cfg=CFG), None, settings)
     batches = [[key for key, _ in batch] for batch in run._batches(800)]
     assert batches == [
-        ["window|0.25", "h2o|0.25"],
-        ["adakv|0.25", "oracle:adaptive|0.25"],
-        ["window|0.5", "h2o|0.5"],
-        ["adakv|0.5", "oracle:adaptive|0.5"],
+        ["window|0.25", "adakv|0.25", "oracle:adaptive|0.25", "h2o|0.25"],
+        ["window|0.5", "adakv|0.5", "oracle:adaptive|0.5", "h2o|0.5"],
         ["full|1"],
     ]
 
