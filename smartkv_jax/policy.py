@@ -120,11 +120,6 @@ class CachePolicy:
         `capacity` (traced; default: each head's `capacity` best ranked)."""
         return per_head_keep(rank_BKS, capacity)
 
-    @property
-    def shares_heads(self) -> bool:
-        """Whether `context_keep` may give one KV head more than `capacity` slots."""
-        return False
-
     def base_ranks(self, pos: jax.Array, score: jax.Array, t_B: jax.Array) -> jax.Array:
         """Rank of occupied slots; `ranks` adds the empty-slot rule."""
         return pos.astype(jnp.float32)
@@ -294,10 +289,6 @@ class LifespanPolicy(ProtectedPolicy):
             return super().context_keep(rank_BKS, capacity)
         return head_adaptive_keep(rank_BKS, capacity, self.adaptive)
 
-    @property
-    def shares_heads(self) -> bool:
-        return self.adaptive is not None
-
     def expiry(self, pos: jax.Array, score: jax.Array) -> jax.Array:
         life = self.margin * jnp.power(4.0, jnp.clip(score, -2.0, 10.0))
         return jnp.minimum(pos.astype(jnp.float32) + life, _LIFE_CAP)
@@ -447,10 +438,6 @@ class AdaKVPolicy(SnapKVPolicy):
 
     def context_keep(self, rank_BKS, capacity):
         return head_adaptive_keep(rank_BKS, capacity, self.alpha)
-
-    @property
-    def shares_heads(self) -> bool:
-        return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,12 +103,6 @@ class PolicyConfig:
         return frozenset(p.needs for p in self.layers if p.needs)
 
     @property
-    def shares_heads(self) -> bool:
-        """Whether some layer may give a KV head more than its share in a oneshot compression
-        (`CachePolicy.shares_heads`)."""
-        return any(p.shares_heads for p in self.layers)
-
-    @property
     def needs_gates(self) -> bool:
         return "gates" in self.needs
 
