@@ -3,6 +3,7 @@ cache answering alike in both protocols."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -10,9 +11,10 @@ from types import SimpleNamespace
 import jax
 import pytest
 
-from eval.ruler import RulerRun, RulerSettings, summarize
+from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, summarize
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
+from smartkv_cli.ruler import settings_from_args
 from smartkv_jax.model import Transformer
 
 from .test_eval_needle import CFG, CharTokenizer
@@ -75,6 +77,21 @@ def test_each_budget_decodes_in_one_batch_and_the_full_cache_alone():
         ["window|0.5", "adakv|0.5", "oracle:adaptive|0.5", "h2o|0.5"],
         ["full|1"],
     ]
+
+
+def _ruler_settings(*argv: str) -> RulerSettings:
+    parser = argparse.ArgumentParser(prog="smartkv")
+    E.add_eval_cli(parser.add_subparsers(dest="command"))
+    return settings_from_args(parser.parse_args(["eval", "ruler", *argv]))
+
+
+def test_quick_preset_yields_to_the_flags_given_beside_it():
+    quick = _ruler_settings("--quick")
+    assert (quick.tasks, quick.samples, quick.memory) == (QUICK_TASKS, 10, (0.125, 0.25))
+    half = _ruler_settings("--quick", "--memory", "0.5", "--samples", "3")
+    assert (half.tasks, half.samples, half.memory) == (QUICK_TASKS, 3, (0.5,))
+    assert _ruler_settings("--quick", "--tasks", "vt").tasks == ("vt",)
+    assert _ruler_settings("--samples", "3") == RulerSettings(samples=3)
 
 
 def test_summary_weighs_tasks_equally():
