@@ -66,6 +66,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _grows(old: Any, new: Any, keys: tuple[str, ...]) -> bool:
+    """Whether dict `new` differs from dict `old` only by larger numbers under `keys`."""
+    if not (keys and isinstance(old, dict) and isinstance(new, dict)) or old.keys() != new.keys():
+        return False
+    changed = [k for k in old if old[k] != new[k]]
+    return bool(changed) and all(k in keys and new[k] > old[k] for k in changed)
+
+
 class ResultStore:
     """The results directory: config.json, results.jsonl (rows only added) and nll/*.npy.
 
@@ -102,11 +110,16 @@ class ResultStore:
         path = self.dir / CONFIG_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def check_config(self, section: str, value: Any) -> None:
+    def check_config(self, section: str, value: Any, growable: tuple[str, ...] = ()) -> None:
         """Record `value` under `section`, or raise ConfigMismatchError naming the keys that
-        differ if another value is recorded there (an unset section can be filled later)."""
+        differ if another value is recorded there (an unset section can be filled later).
+        growable: keys of a dict `value` that may exceed the recorded ones, the rest equal (a
+        sweep given more samples extends the stored one); the record then takes `value`."""
         value = jsonable(value)
         old = self.config().get(section)
+        if _grows(old, value, growable):
+            self._save_config({**self.config(), section: value})
+            old = value
         if old is not None and value is not None and old != value:
             diff = describe_differences(old, value)
             if not self.overwrite:

@@ -136,7 +136,8 @@ class RulerRun:
         """Every sample not yet in the results directory; returns all rows."""
         s = self.settings
         s.check()
-        self.store.check_config("ruler", dataclasses.asdict(s))
+        # sample i depends only on (seed, task, length, i): more samples extend a stored run
+        self.store.check_config("ruler", dataclasses.asdict(s), growable=("samples",))
         text = RulerText.load(s.essays, s.books)
         done = self.store.done()
         todo = [

@@ -36,7 +36,13 @@ def add_ruler_cli(sub, memory_arg) -> None:
     r.add_argument("--out", default="ruler_results", help="results directory (resumable)")
     add_field(r, "--tasks", _RULER, "tasks", choices=list(TASKS), help="tasks to run")
     add_field(r, "--lengths", _RULER, "lengths", help="context lengths in tokens")
-    add_field(r, "--samples", _RULER, "samples", help="samples per task and length")
+    add_field(
+        r,
+        "--samples",
+        _RULER,
+        "samples",
+        help="samples per task and length (more than an --out directory holds extends it)",
+    )
     add_field(r, "--seed", _RULER, "seed", help="seed of the samples")
     add_field(r, "--protocol", _RULER, "protocol", choices=["oneshot", "streaming"])
     add_field(r, "--policies", _RULER, "policies", help="policies (as `smartkv eval`)")

@@ -40,6 +40,19 @@ def test_config_sections_are_filled_once_and_then_checked(tmp_path):
         store.check_config("ppl", {"tokens": 64, "books": [1, 2]})
 
 
+def test_growable_keys_may_only_grow(tmp_path):
+    store = ResultStore(tmp_path)
+    store.check_config("ruler", {"samples": 3, "seed": 0}, growable=("samples",))
+    store.check_config("ruler", {"samples": 5, "seed": 0}, growable=("samples",))
+    assert store.config() == {"ruler": {"samples": 5, "seed": 0}}
+    for other in ({"samples": 4, "seed": 0}, {"samples": 6, "seed": 1}):
+        with pytest.raises(ConfigMismatchError, match="another ruler configuration"):
+            store.check_config("ruler", other, growable=("samples",))
+    with pytest.raises(ConfigMismatchError):  # not growable unless asked
+        store.check_config("ruler", {"samples": 6, "seed": 0})
+    assert store.config() == {"ruler": {"samples": 5, "seed": 0}}
+
+
 def test_arrays_and_names(tmp_path):
     store = ResultStore(tmp_path)
     nll_BT = np.arange(6, dtype=np.float32).reshape(2, 3)

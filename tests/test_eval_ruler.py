@@ -32,11 +32,15 @@ def tiny(monkeypatch):
     monkeypatch.setattr(E, "load_model", lambda name, dtype="float32", mesh=None: model)
 
 
-def _run(out, protocol: str, capsys, *extra) -> dict:
+def _args(out, protocol: str) -> list[str]:
     args = ["eval", "ruler", "--model", "tiny", "--out", str(out), "--tasks", "vt"]
     args += ["--samples", "2", "--lengths", "800", "--memory", "0.25", "--fmt", "plain"]
     args += ["--protocol", protocol, "--chunk", "64", "--no-progress", "--json"]
-    assert main([*args, "--policies", *POLICIES, *extra]) == 0
+    return [*args, "--policies", *POLICIES]
+
+
+def _run(out, protocol: str, capsys, *extra) -> dict:
+    assert main([*_args(out, protocol), *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -54,6 +58,11 @@ def test_ruler_in_both_protocols(tiny, tmp_path, capsys):
     assert len((tmp_path / "one" / "results.jsonl").read_text().splitlines()) == 2
     report = (tmp_path / "one" / "ruler_report.md").read_text()
     assert "| pyramidkv | 25% |" in report and (tmp_path / "one" / "ruler_800.png").is_file()
+    # more samples extend the stored run, which keeps its rows; fewer are refused
+    _run(tmp_path / "one", "oneshot", capsys, "--samples", "3")
+    grown = [json.loads(line) for line in (tmp_path / "one" / "results.jsonl").open()]
+    assert [r["key"] for r in grown] == ["vt|800|0", "vt|800|1", "vt|800|2"] and grown[:2] == rows
+    assert main([*_args(tmp_path / "one", "oneshot"), "--samples", "1"]) == 2
 
     _run(tmp_path / "two", "streaming", capsys)
     streamed = {
