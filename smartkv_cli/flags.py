@@ -16,7 +16,7 @@ def add_field(p: argparse.ArgumentParser, flag: str, config: Any, field: str, **
 
     The default and type are the field's; a tuple default takes nargs "+" (a list default); a
     field that defaults to True is turned off by the flag (store_false). `kw` adds to or
-    overrides what argparse gets (help, dest, choices, metavar...)."""
+    overrides what argparse gets (help, dest, choices, metavar, default...)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     default = getattr(config, field) if not isinstance(config, type) else defaults[field]
     if default is True:
@@ -27,7 +27,7 @@ def add_field(p: argparse.ArgumentParser, flag: str, config: Any, field: str, **
         default = list(default)
     elif default is not None:
         kw = {"type": type(default), **kw}
-    p.add_argument(flag, default=default, **kw)
+    p.add_argument(flag, **{"default": default, **kw})
 
 
 def field_values(cls: type, args: argparse.Namespace, **dests: str) -> dict[str, Any]:

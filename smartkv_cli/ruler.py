@@ -34,19 +34,33 @@ def add_ruler_cli(sub, memory_arg) -> None:
     )
     add_model_flags(r)
     r.add_argument("--out", default="ruler_results", help="results directory (resumable)")
-    add_field(r, "--tasks", _RULER, "tasks", choices=list(TASKS), help="tasks to run")
+    # tasks, samples and memory default to None (unset), so `--quick` sees what was given
+    unset = {"default": None}
+    add_field(
+        r, "--tasks", _RULER, "tasks", choices=list(TASKS), help="tasks (default: all)", **unset
+    )
     add_field(r, "--lengths", _RULER, "lengths", help="context lengths in tokens")
     add_field(
         r,
         "--samples",
         _RULER,
         "samples",
-        help="samples per task and length (more than an --out directory holds extends it)",
+        help=f"samples per task and length (default {_RULER.samples}; more than an --out "
+        "directory holds extends it)",
+        **unset,
     )
     add_field(r, "--seed", _RULER, "seed", help="seed of the samples")
     add_field(r, "--protocol", _RULER, "protocol", choices=["oneshot", "streaming"])
     add_field(r, "--policies", _RULER, "policies", help="policies (as `smartkv eval`)")
-    add_field(r, "--memory", _RULER, "memory", type=memory_arg, help="memory fractions")
+    add_field(
+        r,
+        "--memory",
+        _RULER,
+        "memory",
+        type=memory_arg,
+        help=f"memory fractions (default {' '.join(f'{m:g}' for m in _RULER.memory)})",
+        **unset,
+    )
     add_field(r, "--calibrated", _RULER, "calibrated", help="for hybrid-calibrated")
     add_field(r, "--fmt", _RULER, "fmt", choices=["auto", "chat", "plain"], help="prompt format")
     add_field(r, "--essays", _RULER, "essays", help="haystack .txt directory or file")
@@ -66,12 +80,15 @@ def add_ruler_cli(sub, memory_arg) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> RulerSettings:
-    """The run's settings; `--quick` sets tasks, samples and memory where their flags were
-    left at the defaults (`--quick --memory 0.5`: the preset's tasks and samples at 50%)."""
+    """The run's settings; tasks, samples and memory not given come from `--quick`'s preset
+    or else the settings' defaults (`--quick --memory 0.5`: the preset's tasks and samples at
+    50%; `--quick --samples 20`: 20 samples)."""
     values = field_values(RulerSettings, args)
+    unset = [k for k in QUICK_PRESET if values[k] is None]
+    for k in unset:
+        del values[k]
     if args.quick:
-        default = RulerSettings()
-        values.update({k: v for k, v in QUICK_PRESET.items() if values[k] == getattr(default, k)})
+        values.update({k: QUICK_PRESET[k] for k in unset})
     return RulerSettings(**values)
 
 

@@ -122,7 +122,7 @@ def flag_name(dest: str) -> str:
 
 
 def _eval_cross(args: argparse.Namespace) -> None:
-    if "ppl" in getattr(args, "tasks", ()) and hasattr(args, "tokens"):
+    if "ppl" in (getattr(args, "tasks", None) or ()) and hasattr(args, "tokens"):
         from eval.perplexity import check_chunk
 
         check_chunk(args.chunk, args.tokens, (flag_name("chunk"), flag_name("tokens")))

@@ -3,7 +3,6 @@ cache answering alike in both protocols."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ from smartkv_cli.main import main
 from smartkv_cli.ruler import settings_from_args
 from smartkv_jax.model import Transformer
 
+from .test_cli_eval import _parse
 from .test_eval_needle import CFG, CharTokenizer
 
 POLICIES = ["full", "window", "expected", "pyramidkv", "oracle"]
@@ -89,9 +89,7 @@ def test_each_budget_decodes_in_one_batch_and_the_full_cache_alone():
 
 
 def _ruler_settings(*argv: str) -> RulerSettings:
-    parser = argparse.ArgumentParser(prog="smartkv")
-    E.add_eval_cli(parser.add_subparsers(dest="command"))
-    return settings_from_args(parser.parse_args(["eval", "ruler", *argv]))
+    return settings_from_args(_parse(["ruler", *argv]))
 
 
 def test_quick_preset_yields_to_the_flags_given_beside_it():
@@ -100,6 +98,7 @@ def test_quick_preset_yields_to_the_flags_given_beside_it():
     half = _ruler_settings("--quick", "--memory", "0.5", "--samples", "3")
     assert (half.tasks, half.samples, half.memory) == (QUICK_TASKS, 3, (0.5,))
     assert _ruler_settings("--quick", "--tasks", "vt").tasks == ("vt",)
+    assert _ruler_settings("--quick", "--samples", "20").samples == 20  # the default, given
     assert _ruler_settings("--samples", "3") == RulerSettings(samples=3)
 
 
