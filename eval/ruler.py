@@ -4,7 +4,8 @@
 Two protocols:
 - oneshot (as kvpress): the context is prefilled once with the whole cache, compressed to
   every (policy, budget) at once, then the question is read and answered by all of them in
-  one batch (smartkv_jax/oneshot.py). A sweep costs about one prefill per sample.
+  a few batches of rows with like cache sizes (smartkv_jax/oneshot.py). A sweep costs about
+  one prefill per sample.
 - streaming: each (policy, budget) reads the context in chunks under its policy, evicting as
   it goes, so the whole cache never exists; then the question (one prefill per cell).
 
@@ -29,7 +30,15 @@ from smartkv_jax.data import encode
 from smartkv_jax.gates import Gates
 from smartkv_jax.generate import generate
 from smartkv_jax.model import Transformer
-from smartkv_jax.oneshot import answer, compress, context_views, prefill_context
+from smartkv_jax.oneshot import (
+    answer,
+    batch_cost_slots,
+    context_views,
+    decode_batches,
+    pack,
+    prefill_context,
+    select,
+)
 from smartkv_jax.policy_table import PolicyConfig
 from train.policy_names import parse_policy
 
@@ -178,39 +187,31 @@ class RulerRun:
         }
 
     def _oneshot(self, context, question, max_new, length):
-        """One prefill; then every policy's compressed cache, a batch of rows per budget
-        (`_batches`). The rows' slot counts are reckoned at the nominal `length` (which the
-        sample's context, question and answer fit in), so samples of one length and task
-        share cache shapes and compiled programs. A row whose heads share a layer's budget
-        (Ada-KV) can need more slots than the batch's other rows, sample by sample; the
-        batch then grows to hold it (compiled once per size: they are multiples of
-        oneshot.SIZE_STEP)."""
+        """One prefill; then every cell's choice of the context (`select`), decoded in
+        batches of rows with like slot counts (`decode_batches`: a decode step reads the
+        weights once per batch and each row's cache whole). The rows' slot counts are
+        reckoned at the nominal `length` (which the sample's context, question and answer
+        fit in), so samples of one length and task share cache shapes and compiled
+        programs; a row whose heads share a layer's budget (Ada-KV) can need more slots,
+        sample by sample (sizes are multiples of oneshot.SIZE_STEP, so few programs)."""
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         jax.block_until_ready(ctx.cache)  # dispatch is asynchronous: time the work itself
         prefill_s = time.perf_counter() - t0
         views = context_views(self.model, ctx, self.gates)
-        oracle = self._oracle(context, question)
+        cells = self.settings.cells()
+        policies = [self.policy(p, m, len(context)) for p, m in cells]
+        chosen = select(self.model, ctx, policies, views, self._oracle(context, question), length)
         room = len(question) + max_new + 16
         answers, memory = {}, {}
-        for batch in self._batches(len(context)):
-            policies = [policy for _, policy in batch]
-            packed = compress(self.model, ctx, policies, room, views, oracle, length)
+        for rows in decode_batches(chosen.sizes(room), batch_cost_slots(self.model)):
+            packed = pack(self.model, ctx, chosen, rows, room)
             res = answer(self.model, packed, len(context), question, max_new)
-            keys = [key for key, _ in batch]
+            keys = [cell_key(*cells[r]) for r in rows]
             memory.update(zip(keys, packed.memory_fractions().tolist()))
             answers.update(zip(keys, res.tokens))
-        return answers, memory, prefill_s
-
-    def _batches(self, context: int) -> list[list[tuple[str, PolicyConfig]]]:
-        """The cells as decode batches of (cell key, policy), one per budget. A decode step
-        reads the model's weights once per batch, so merging rows pays as long as their
-        slot counts are alike; the full cache (budget 1) decodes alone."""
-        cells = self.settings.cells()
-        return [
-            [(cell_key(p, m), self.policy(p, m, context)) for p, m in cells if m == budget]
-            for budget in sorted({m for _, m in cells})
-        ]
+        order = [cell_key(*c) for c in cells]  # rows list the cells in the settings' order
+        return {k: answers[k] for k in order}, {k: memory[k] for k in order}, prefill_s
 
     def _oracle(self, context, question) -> np.ndarray | None:
         """True log4 lifespans [L, K, T] of the sample's context and question keys (attention

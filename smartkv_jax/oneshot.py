@@ -1,14 +1,16 @@
 """The oneshot protocol (as kvpress): a context is prefilled once with the whole cache, then
 compressed to each policy's budget before the question is read, and the question is answered
-by every compressed cache at once, one batch row per (policy, budget).
+by every compressed cache, one batch row per (policy, budget).
 
 `prefill_context` runs the context under H2O's scoring with room for all of it (nothing is
 evicted, so the cache equals the full one and each slot's score is the attention every
 context query paid it), keeping the last `obs` queries and the statistics of the queries
-before RoPE. `context_views` derives what each layer's policy reads, once; `compress`
-turns that into one row per policy: each global layer keeps the slots
-its policy ranks best (`CachePolicy.context_scores`, `context_keep`); windowed layers keep
-their native caches. `answer` reads the question from there and decodes greedily.
+before RoPE. `context_views` derives what each layer's policy reads, once; `select` turns
+that into one row per policy: each global layer keeps the slots its policy ranks best
+(`CachePolicy.context_scores`, `context_keep`); windowed layers keep their native caches.
+`pack` makes a batch of rows one cache (`compress`: both, for every row), `decode_batches`
+splits the rows into batches of like sizes, and `answer` reads the question from there and
+decodes greedily.
 
 Shapes: L layers, B rows, K KV heads, H query heads, S slots, W observation queries, D head
 dim, R compressed rows.
@@ -17,13 +19,13 @@ dim, R compressed rows.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .attention import AttentionRule
 from .cache import KVCache, LayerCache, init_cache
@@ -224,6 +226,89 @@ def context_views(
     ]
 
 
+@dataclasses.dataclass
+class Selection:
+    """What each of R policies keeps of one context, before packing: rows[r]: policy r's
+    table resolved at the context's length; keeps[layer][r]: which slots [1, K, S] row r
+    keeps in each global layer; slots_R: the most slots one head of the row needs in any
+    layer (its capacity scaled to the nominal length, or what a head-adaptive rule gave a
+    head), room for the question and answer not included."""
+
+    rows: list[PolicyConfig]
+    keeps: dict[int, list[jax.Array]]
+    slots_R: np.ndarray
+
+    def sizes(self, room: int) -> np.ndarray:
+        """Slots per head [R] a packed layer of each row takes with `room` free slots."""
+        return -(-(self.slots_R + room) // SIZE_STEP) * SIZE_STEP
+
+
+def select(
+    model: Transformer,
+    ctx: PrefilledContext,
+    policies: Sequence[PolicyConfig],
+    views: Sequence[ContextView | None],
+    oracle_LKT: np.ndarray | None = None,
+    size_length: int | None = None,
+) -> Selection:
+    """Each policy's choice of the context's slots in every global layer (`views`: from
+    `context_views`). oracle_LKT: true log4 lifespans [L, K, T] (T >= the context's length)
+    of the sample, which oracle layers rank by. size_length (>= the context's length;
+    default: it): the rows' slot needs are reckoned as if the context were that long
+    (capacities scaled up in proportion), so that contexts of slightly different lengths
+    share cache shapes and compiled programs."""
+    cfg = model.cfg
+    rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
+    scale = max(size_length or ctx.length, ctx.length) / ctx.length
+    keeps = _keeps(rows, views, oracle_LKT, ctx.length)  # {layer: [(keep, most)] per row}
+    most_LR = np.asarray(jax.device_get([[m for _, m in ks] for ks in keeps.values()]))
+    caps_LR = np.array([[_capacity(r.layers[i], ctx.length) for r in rows] for i in keeps])
+    need_LR = np.maximum(np.ceil(caps_LR * scale), most_LR).astype(np.int64)
+    slots = need_LR.max(0) if len(keeps) else np.zeros(len(rows), np.int64)
+    return Selection(rows, {i: [k for k, _ in ks] for i, ks in keeps.items()}, slots)
+
+
+def pack(
+    model: Transformer,
+    ctx: PrefilledContext,
+    selection: Selection,
+    rows: Sequence[int],
+    room: int,
+) -> Compressed:
+    """Rows `rows` of a `selection` as one cache (batch row b: selection row rows[b]): each
+    global layer holds what its row keeps, with `room` free slots for the question and
+    answer; windowed layers keep their native caches.
+
+    Every compressed layer gets the slot count of the largest row's need, so they form one
+    cache group (one loop over the layers per decode step) whatever each row keeps per
+    layer. The slots past what a row holds stay empty, so this changes no answer, and
+    decoding many small groups (per-layer budgets, as PyramidKV's) costs more than the
+    padding: a layer loop of its own each, and the model's weights restacked to match.
+    Rows of unlike needs are best packed apart (`decode_batches`)."""
+    cfg = model.cfg
+    rows = list(rows)
+    size = int(selection.sizes(room)[rows].max())
+    compressed_L = [i in selection.keeps for i in range(cfg.num_layers)]
+    layers = []
+    for i, compressed in enumerate(compressed_L):
+        if not compressed:  # the model's own window: the native cache, in every row
+            layers.append([_layer_cache(ctx.cache, i)] * len(rows))
+            continue
+        lc = _layer_cache(ctx.cache, i)
+        layers.append([_pack(lc, selection.keeps[i][r], size) for r in rows])
+    counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
+    kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
+    native = [
+        cfg.num_kv_heads * ctx.length if compressed else kept_LR[i, 0]
+        for i, compressed in enumerate(compressed_L)
+    ]
+    table = _decode_table(ctx.policy, layers)
+    mesh = model_mesh(model)
+    cache = place_cache(_stack_rows(table, layers), mesh)
+    cache = dataclasses.replace(cache, mesh=mesh)  # a Pallas kernel then runs per shard
+    return Compressed(cache, table, kept_LR.T, np.asarray(native))
+
+
 def compress(
     model: Transformer,
     ctx: PrefilledContext,
@@ -233,47 +318,45 @@ def compress(
     oracle_LKT: np.ndarray | None = None,
     size_length: int | None = None,
 ) -> Compressed:
-    """One row per policy (each resolved at the context's length): its global layers keep
-    what it ranks best (`views`: from `context_views`), each with `room` free slots for the
-    question and answer. oracle_LKT: true log4 lifespans [L, K, T] (T >= the context's
-    length) of the sample, which oracle layers rank by. size_length (>= the context's
-    length; default: it): the layers' slot counts are reckoned as if the context were that
-    long (capacities scaled up in proportion), so that contexts of slightly different
-    lengths share cache shapes and compiled programs; a layer where some head keeps more
-    than that (a head-adaptive rule) grows to hold it, room included.
+    """One row per policy, in one cache: `select` then `pack` of every row (arguments as
+    theirs)."""
+    selection = select(model, ctx, policies, views, oracle_LKT, size_length)
+    return pack(model, ctx, selection, range(len(policies)), room)
 
-    Every compressed layer gets the slot count of the largest, so they form one cache group
-    (one loop over the layers per decode step) whatever each row keeps per layer. The
-    slots past what a row holds stay empty, so this changes no answer, and decoding many
-    small groups (per-layer budgets, as PyramidKV's) costs more than the padding: a layer
-    loop of its own each, and the model's weights restacked to match."""
+
+SLOT_COST = 3.5  # a cached key/value byte over a weight byte, in a decode step's time
+
+
+def batch_cost_slots(model: Transformer) -> float:
+    """What one more decode batch costs a step (reading the weights once more) in rows x
+    slots of the compressed (global) layers' cache. On XLA's CPU backend a decode step's
+    attention takes about SLOT_COST times as long per byte as its weight matmuls
+    (SmolLM2-135M in float32: about 0.0125 ms a row-slot against 40 ms for the weights,
+    docs/design.md)."""
     cfg = model.cfg
-    rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
-    scale = max(size_length or ctx.length, ctx.length) / ctx.length
-    keeps = _keeps(rows, views, oracle_LKT, ctx.length)  # {layer: [(keep, most)] per row}
-    # the most slots one head of a row keeps in a layer (a head-adaptive rule can give a head
-    # more than its share; the packed layer must hold it and still leave `room`): one transfer
-    most = jax.device_get([m for ks in keeps.values() for _, m in ks])
-    caps = [_capacity(r.layers[i], ctx.length) for r in rows for i in keeps]
-    slots = max(math.ceil(max(caps, default=0) * scale), int(max(most, default=0)))
-    size = -(-(slots + room) // SIZE_STEP) * SIZE_STEP
-    layers = []
-    for i, view in enumerate(views):
-        if view is None:  # the model's own window: the native cache, in every row
-            layers.append([_layer_cache(ctx.cache, i)] * len(rows))
-            continue
-        layers.append([_pack(view.cache, keep, size) for keep, _ in keeps[i]])
-    counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
-    kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
-    native = [
-        kept_LR[i, 0] if view is None else cfg.num_kv_heads * ctx.length
-        for i, view in enumerate(views)
-    ]
-    table = _decode_table(ctx.policy, layers)
-    mesh = model_mesh(model)
-    cache = place_cache(_stack_rows(table, layers), mesh)
-    cache = dataclasses.replace(cache, mesh=mesh)  # a Pallas kernel then runs per shard
-    return Compressed(cache, table, kept_LR.T, np.asarray(native))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    glob = sum(1 for i in range(cfg.num_layers) if not cfg.window(i))
+    slot_bytes = max(glob, 1) * 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
+    return weight_bytes / (slot_bytes * SLOT_COST)
+
+
+def decode_batches(sizes_R: Sequence[int], batch_cost: float) -> list[list[int]]:
+    """The rows (by index) split into decode batches of like slot counts: a batch of n rows
+    whose largest takes S slots costs batch_cost + n * S a step (each row then attends over
+    S slots), and the split minimizes the sum (rows sorted by size, cut where a new batch
+    pays). Batches in ascending size; rows in each by index."""
+    order = np.argsort(np.asarray(sizes_R), kind="stable")
+    s = np.asarray(sizes_R, np.float64)[order]
+    best, cut = np.zeros(len(s) + 1), np.zeros(len(s) + 1, np.int64)
+    for j in range(1, len(s) + 1):
+        costs = [best[i] + batch_cost + (j - i) * s[j - 1] for i in range(j)]
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    batches, j = [], len(s)
+    while j:
+        batches.append(sorted(order[cut[j] : j].tolist()))
+        j = cut[j]
+    return batches[::-1]
 
 
 def _capacity(policy, length: int) -> int:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import jax
 import pytest
 
-from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, summarize
+from eval.ruler import QUICK_TASKS, RulerSettings, summarize
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
 from smartkv_cli.ruler import settings_from_args
@@ -74,18 +74,6 @@ def test_ruler_in_both_protocols(tiny, tmp_path, capsys):
     # other settings in the same directory are refused
     assert main(["eval", "ruler", "--model", "tiny", "--out", str(tmp_path / "one"),
                  "--samples", "3", "--no-progress"]) == 2  # fmt: skip
-
-
-def test_each_budget_decodes_in_one_batch_and_the_full_cache_alone():
-    policies = ("full", "window", "adakv", "oracle:adaptive", "h2o")
-    settings = RulerSettings(policies=policies, memory=(0.25, 0.5))
-    run = RulerRun(None, SimpleNamespace(cfg=CFG), None, settings)
-    batches = [[key for key, _ in batch] for batch in run._batches(800)]
-    assert batches == [
-        ["window|0.25", "adakv|0.25", "oracle:adaptive|0.25", "h2o|0.25"],
-        ["window|0.5", "adakv|0.5", "oracle:adaptive|0.5", "h2o|0.5"],
-        ["full|1"],
-    ]
 
 
 def _ruler_settings(*argv: str) -> RulerSettings:

@@ -4,6 +4,7 @@ batch (smartkv_jax/oneshot.py)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -17,7 +18,10 @@ from smartkv_jax.oneshot import (
     compress,
     context_view,
     context_views,
+    decode_batches,
+    pack,
     prefill_context,
+    select,
 )
 from smartkv_jax.policy_table import PolicyConfig, make_policy
 from train.policy_names import parse_policy
@@ -173,3 +177,52 @@ def test_every_compressed_layer_takes_the_largest_slot_count(setup):
         assert (b[..., 512:] == -1).all()
     want = answer(model, one, T, question, 6, stop_tokens=()).tokens
     assert answer(model, roomy, T, question, 6, stop_tokens=()).tokens == want
+
+
+def test_rows_packed_apart_keep_and_answer_as_packed_together(setup):
+    """A batch of some of a selection's rows: each row holds the same slots as in the batch
+    of all, in fewer slots when its need is smaller (window 10%: 256 slots; h2o at 90%: 512),
+    and answers alike."""
+    model, _, question, ctx = setup
+    policies = [
+        make_policy("window", CFG.num_layers, T, 0.1),
+        make_policy("h2o", CFG.num_layers, T, 0.9),
+    ]
+    chosen = select(model, ctx, policies, context_views(model, ctx))
+    np.testing.assert_array_equal(chosen.sizes(8), [256, 512])
+    both = pack(model, ctx, chosen, [0, 1], 8)
+    alone = pack(model, ctx, chosen, [0], 8)
+    assert [g.pos.shape[-1] for g in alone.cache.groups] == [256]
+    np.testing.assert_array_equal(alone.kept_RL, both.kept_RL[:1])
+    for layer in range(CFG.num_layers):
+        a = np.asarray(_layer_cache(alone.cache, layer).pos)[0]
+        b = np.asarray(_layer_cache(both.cache, layer).pos)[0]
+        np.testing.assert_array_equal(b[..., :256], a)
+        assert (b[..., 256:] == -1).all()
+    want = answer(model, both, T, question, 6, stop_tokens=()).tokens[0]
+    assert answer(model, alone, T, question, 6, stop_tokens=()).tokens[0] == want
+
+
+def _step_cost(batches, sizes, batch_cost):
+    return sum(batch_cost + len(b) * max(sizes[r] for r in b) for b in batches)
+
+
+def test_decode_batches_split_where_a_batch_pays():
+    sizes = [768, 768, 2816, 1280, 768, 1280, 4352]
+    assert decode_batches(sizes, 0) == [[0, 1, 4], [3, 5], [2], [6]]  # batches are free
+    assert decode_batches(sizes, 10**6) == [list(range(7))]  # one batch beats any padding
+    # padding the three 768s to 1280 costs 3 x 512 slots, as does the 2816 to 4352: apart
+    # when a batch costs less (1500), together when it costs more (1600)
+    assert decode_batches(sizes, 1500) == [[0, 1, 4], [3, 5], [2], [6]]
+    assert decode_batches(sizes, 1600) == [[0, 1, 3, 4, 5], [2, 6]]
+    order = sorted(range(7), key=lambda r: sizes[r])
+    for cost in (0, 700, 1500, 3000, 6000):
+        got = decode_batches(sizes, cost)
+        assert sorted(r for b in got for r in b) == list(range(7))
+        splits = [  # every split of the rows in size order
+            [order[a:b] for a, b in itertools.pairwise((0, *cuts, 7))]
+            for n in range(7)
+            for cuts in itertools.combinations(range(1, 7), n)
+        ]
+        best = min(_step_cost(b, sizes, cost) for b in splits)
+        assert _step_cost(got, sizes, cost) == best
