@@ -102,6 +102,9 @@ def cell_key(policy: str, memory: float) -> str:
     return f"{policy}|{memory:g}"
 
 
+FULL_KEY = cell_key("full", 1.0)
+
+
 def split_cell(key: str) -> tuple[str, float]:
     """(policy, memory fraction) of a `cell_key`."""
     policy, memory = key.rsplit("|", 1)
@@ -186,57 +189,78 @@ class RulerRun:
             "seconds": time.perf_counter() - t0,
         }
 
+    def _cells(self, context: int) -> list[tuple[str, PolicyConfig]]:
+        """(cell key, policy) of every cell, the oracle's last (they need the full cache's
+        answer, `_oracle`)."""
+        cells = [(cell_key(p, m), self.policy(p, m, context)) for p, m in self.settings.cells()]
+        return sorted(cells, key=lambda cell: cell[1].needs_oracle)
+
     def _oneshot(self, context, question, max_new, length):
         """One prefill; then every cell's choice of the context (`select`), decoded in
         batches of rows with like slot counts (`decode_batches`: a decode step reads the
-        weights once per batch and each row's cache whole). The rows' slot counts are
-        reckoned at the nominal `length` (which the sample's context, question and answer
-        fit in), so samples of one length and task share cache shapes and compiled
-        programs; a row whose heads share a layer's budget (Ada-KV) can need more slots,
-        sample by sample (sizes are multiples of oneshot.SIZE_STEP, so few programs)."""
+        weights once per batch and each row's cache whole); the oracle's cells after the
+        others (`_oracle`). The rows' slot counts are reckoned at the nominal `length`
+        (which the sample's context, question and answer fit in), so samples of one length
+        and task share cache shapes and compiled programs; a row whose heads share a
+        layer's budget (Ada-KV) can need more slots, sample by sample (sizes are multiples
+        of oneshot.SIZE_STEP, so few programs)."""
         t0 = time.perf_counter()
         ctx = prefill_context(self.model, context, chunk=self.settings.chunk)
         jax.block_until_ready(ctx.cache)  # dispatch is asynchronous: time the work itself
         prefill_s = time.perf_counter() - t0
         views = context_views(self.model, ctx, self.gates)
-        cells = self.settings.cells()
-        policies = [self.policy(p, m, len(context)) for p, m in cells]
-        chosen = select(self.model, ctx, policies, views, self._oracle(context, question), length)
-        room = len(question) + max_new + 16
+        cells = self._cells(len(context))
         answers, memory = {}, {}
-        for rows in decode_batches(chosen.sizes(room), batch_cost_slots(self.model)):
-            packed = pack(self.model, ctx, chosen, rows, room)
-            res = answer(self.model, packed, len(context), question, max_new)
-            keys = [cell_key(*cells[r]) for r in rows]
-            memory.update(zip(keys, packed.memory_fractions().tolist()))
-            answers.update(zip(keys, res.tokens))
-        order = [cell_key(*c) for c in cells]  # rows list the cells in the settings' order
+
+        def run(rows: list[tuple[str, PolicyConfig]], oracle: np.ndarray | None) -> None:
+            chosen = select(self.model, ctx, [p for _, p in rows], views, oracle, length)
+            room = len(question) + max_new + 16
+            for batch in decode_batches(chosen.sizes(room), batch_cost_slots(self.model)):
+                packed = pack(self.model, ctx, chosen, batch, room)
+                res = answer(self.model, packed, len(context), question, max_new)
+                keys = [rows[r][0] for r in batch]
+                memory.update(zip(keys, packed.memory_fractions().tolist()))
+                answers.update(zip(keys, res.tokens))
+
+        plain = [c for c in cells if not c[1].needs_oracle]
+        oracle_cells = cells[len(plain) :]
+        if oracle_cells and FULL_KEY not in dict(plain):  # the oracle needs its answer
+            plain.append((FULL_KEY, self.policy("full", 1.0, len(context))))
+        run(plain, None)
+        if oracle_cells:
+            run(oracle_cells, self._oracle(context, question, answers[FULL_KEY]))
+        order = [cell_key(*c) for c in self.settings.cells()]  # as the settings list them
         return {k: answers[k] for k in order}, {k: memory[k] for k in order}, prefill_s
 
-    def _oracle(self, context, question) -> np.ndarray | None:
-        """True log4 lifespans [L, K, T] of the sample's context and question keys (attention
-        threshold 0.05, from a full-cache pass over both), when a cell's policy is the
-        oracle; None otherwise."""
-        cells = self.settings.cells()
-        if not any(self.policy(p, m, len(context)).needs_oracle for p, m in cells):
-            return None
-        return oracle_scores(self.model, [*context, *question])
+    def _oracle(self, context, question, full_answer) -> np.ndarray:
+        """True log4 lifespans [L, K, T] of the sample's keys (attention threshold 0.05) from
+        a full-cache pass over the context, the question and the full cache's answer (the
+        tokens it reads back: all but the last): the future a lifespan policy must foresee
+        includes the answer, which is where a needle gets read."""
+        return oracle_scores(self.model, [*context, *question, *full_answer[:-1]])
 
     def _streaming(self, context, question, max_new):
         answers, memory, prefill_s = {}, {}, 0.0
         windows = self.model.cfg.layer_windows
-        oracle = self._oracle(context, question)
-        aux = None if oracle is None else {"oracle": jnp.asarray(oracle)[:, None]}
-        for p, m in self.settings.cells():
-            policy = self.policy(p, m, len(context))
-            res = generate(
-                self.model, [question], max_new, policy=policy, gates=self.gates,
-                context=[context], chunk=self.settings.chunk, aux=aux,
-            )  # fmt: skip
-            answers[cell_key(p, m)] = res.tokens[0]
-            memory[cell_key(p, m)] = policy.memory_fraction(len(context), windows)
-            prefill_s += res.prefill_s
+        aux = None
+        for key, policy in self._cells(len(context)):
+            if policy.needs_oracle and aux is None:
+                full = answers.get(FULL_KEY) or self._stream(context, question, max_new)[0]
+                oracle = self._oracle(context, question, full)
+                aux = {"oracle": jnp.asarray(oracle)[:, None]}
+            answers[key], seconds = self._stream(context, question, max_new, policy, aux)
+            memory[key] = policy.memory_fraction(len(context), windows)
+            prefill_s += seconds
         return answers, memory, prefill_s
+
+    def _stream(self, context, question, max_new, policy=None, aux=None):
+        """(answer tokens, prefill seconds) of one cell in the streaming protocol (default:
+        the full cache)."""
+        res = generate(
+            self.model, [question], max_new, policy=policy, gates=self.gates,
+            context=[context], chunk=self.settings.chunk, aux=aux,
+        )  # fmt: skip
+        return res.tokens[0], res.prefill_s
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

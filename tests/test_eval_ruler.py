@@ -10,14 +10,18 @@ from types import SimpleNamespace
 import jax
 import pytest
 
-from eval.ruler import QUICK_TASKS, RulerSettings, summarize
+from eval import ruler as R
+from eval.perplexity import oracle_scores
+from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, summarize
+from eval.ruler_tasks import RulerSample
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
 from smartkv_cli.ruler import settings_from_args
+from smartkv_jax.generate import generate
 from smartkv_jax.model import Transformer
 
 from .test_cli_eval import _parse
-from .test_eval_needle import CFG, CharTokenizer
+from .test_eval_needle import CFG, CharTokenizer, tiny_params
 
 POLICIES = ["full", "window", "expected", "pyramidkv", "oracle"]
 
@@ -99,3 +103,28 @@ def test_summary_weighs_tasks_equally():
     s = summarize(rows)
     assert s["per_task"][8, "x|1", "a"] == 50.0 and s["average"][8, "x|1"] == 75.0
     assert s["samples"][8, "x|1", "a"] == 2
+
+
+@pytest.mark.parametrize("protocol", ["oneshot", "streaming"])
+def test_the_oracle_foresees_the_full_caches_answer(monkeypatch, protocol):
+    """The oracle's lifespans come from the context, the question and the tokens the full
+    cache's answer reads back (all but its last): a needle is read while answering. The
+    full cache answers for it even when no full cell is asked for."""
+    model = tiny_params()
+    seen = []
+
+    def spy(m, tokens, tau=0.05):
+        seen.append(list(tokens))
+        return oracle_scores(m, tokens, tau)
+
+    monkeypatch.setattr(R, "oracle_scores", spy)
+    settings = RulerSettings(policies=("window", "oracle"), memory=(0.5,), fmt="plain")
+    settings = dataclasses.replace(settings, protocol=protocol, chunk=64)
+    run = RulerRun(None, model, CharTokenizer(), settings)
+    text = "".join(f"Line {i:03d} says hello. " for i in range(12))
+    sample = RulerSample("vt", 0, text, "What is it?", "Answer:", ("7",), 6, "all")
+    row = run.run_sample(sample, 512)
+    context, question = R.sample_ids(CharTokenizer(), sample, "plain")
+    full = generate(model, [question], 6, context=[context], chunk=64).tokens[0]
+    assert seen == [[*context, *question, *full[:-1]]] and len(full) > 1
+    assert set(row["answers"]) == {"window|0.5", "oracle|0.5"}
