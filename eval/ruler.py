@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import jax
@@ -111,6 +111,18 @@ def split_cell(key: str) -> tuple[str, float]:
     return policy, float(memory)
 
 
+def pending(settings: RulerSettings, done: Container[str]) -> list[tuple[str, int, int]]:
+    """(task, length, index) of every sample not in `done` (sample keys), sample 0 of each
+    task first, then 1, ...: a run cut short covers the tasks evenly."""
+    return [
+        (task, length, i)
+        for length in settings.lengths
+        for i in range(settings.samples)
+        for task in settings.tasks
+        if f"{task}|{length}|{i}" not in done
+    ]
+
+
 def sample_ids(tokenizer: Any, sample: RulerSample, fmt: str) -> tuple[list[int], list[int]]:
     """(context ids, question ids): the chat template (or plain text) split where the
     question starts, the answer prefix at the end of the question part."""
@@ -151,14 +163,7 @@ class RulerRun:
         # sample i depends only on (seed, task, length, i): more samples extend a stored run
         self.store.check_config("ruler", dataclasses.asdict(s), growable=("samples",))
         text = RulerText.load(s.essays, s.books)
-        done = self.store.done()
-        todo = [
-            (task, length, i)
-            for length in s.lengths
-            for task in s.tasks
-            for i in range(s.samples)
-            if f"{task}|{length}|{i}" not in done
-        ]
+        todo = pending(s, self.store.done())
         reserve = template_reserve(self.tokenizer, s.fmt)
         for task, length, i in tqdm(todo, desc="RULER samples", disable=not self.progress):
             sample = make_sample(task, self.tokenizer, length, s.seed, i, text, reserve)

@@ -12,7 +12,7 @@ import pytest
 
 from eval import ruler as R
 from eval.perplexity import oracle_scores
-from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, summarize
+from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, pending, summarize
 from eval.ruler_tasks import RulerSample
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
@@ -128,3 +128,12 @@ def test_the_oracle_foresees_the_full_caches_answer(monkeypatch, protocol):
     full = generate(model, [question], 6, context=[context], chunk=64).tokens[0]
     assert seen == [[*context, *question, *full[:-1]]] and len(full) > 1
     assert set(row["answers"]) == {"window|0.5", "oracle|0.5"}
+
+
+def test_pending_samples_go_index_first_so_a_cut_run_is_balanced():
+    settings = RulerSettings(tasks=("vt", "qa"), lengths=(512, 1024), samples=2)
+    got = pending(settings, {"qa|512|0", "vt|1024|1"})
+    assert got == [
+        ("vt", 512, 0), ("vt", 512, 1), ("qa", 512, 1),
+        ("vt", 1024, 0), ("qa", 1024, 0), ("qa", 1024, 1),
+    ]  # fmt: skip
