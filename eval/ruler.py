@@ -215,27 +215,33 @@ class RulerRun:
         prefill_s = time.perf_counter() - t0
         views = context_views(self.model, ctx, self.gates)
         cells = self._cells(len(context))
-        answers, memory = {}, {}
-
-        def run(rows: list[tuple[str, PolicyConfig]], oracle: np.ndarray | None) -> None:
-            chosen = select(self.model, ctx, [p for _, p in rows], views, oracle, length)
-            room = len(question) + max_new + 16
-            for batch in decode_batches(chosen.sizes(room), batch_cost_slots(self.model)):
-                packed = pack(self.model, ctx, chosen, batch, room)
-                res = answer(self.model, packed, len(context), question, max_new)
-                keys = [rows[r][0] for r in batch]
-                memory.update(zip(keys, packed.memory_fractions().tolist()))
-                answers.update(zip(keys, res.tokens))
-
         plain = [c for c in cells if not c[1].needs_oracle]
         oracle_cells = cells[len(plain) :]
         if oracle_cells and FULL_KEY not in dict(plain):  # the oracle needs its answer
             plain.append((FULL_KEY, self.policy("full", 1.0, len(context))))
-        run(plain, None)
+        how = (ctx, views, question, max_new, length)
+        answers, memory = self._answer_rows(plain, None, *how)
         if oracle_cells:
-            run(oracle_cells, self._oracle(context, question, answers[FULL_KEY]))
+            oracle = self._oracle(context, question, answers[FULL_KEY])
+            more_answers, more_memory = self._answer_rows(oracle_cells, oracle, *how)
+            answers.update(more_answers)
+            memory.update(more_memory)
         order = [cell_key(*c) for c in self.settings.cells()]  # as the settings list them
         return {k: answers[k] for k in order}, {k: memory[k] for k in order}, prefill_s
+
+    def _answer_rows(self, rows, oracle, ctx, views, question, max_new, length):
+        """({cell key: answer tokens}, {cell key: memory fraction}) of `rows` ((cell key,
+        policy) pairs) compressed from the prefilled `ctx`, in `decode_batches`."""
+        chosen = select(self.model, ctx, [p for _, p in rows], views, oracle, length)
+        room = len(question) + max_new + 16
+        answers, memory = {}, {}
+        for batch in decode_batches(chosen.sizes(room), batch_cost_slots(self.model)):
+            packed = pack(self.model, ctx, chosen, batch, room)
+            res = answer(self.model, packed, ctx.length, question, max_new)
+            keys = [rows[r][0] for r in batch]
+            memory.update(zip(keys, packed.memory_fractions().tolist()))
+            answers.update(zip(keys, res.tokens))
+        return answers, memory
 
     def _oracle(self, context, question, full_answer) -> np.ndarray:
         """True log4 lifespans [L, K, T] of the sample's keys (attention threshold 0.05) from
