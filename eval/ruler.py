@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import jax
@@ -151,6 +151,7 @@ class RulerRun:
     settings: RulerSettings
     gates: Gates | None = None
     progress: bool = True
+    on_sample: Callable[[list[dict[str, Any]]], Any] | None = None  # gets every row so far
 
     def policy(self, name: str, memory: float, context: int) -> PolicyConfig:
         cfg = self.model.cfg
@@ -168,6 +169,8 @@ class RulerRun:
         for task, length, i in tqdm(todo, desc="RULER samples", disable=not self.progress):
             sample = make_sample(task, self.tokenizer, length, s.seed, i, text, reserve)
             self.store.append(self.run_sample(sample, length))
+            if self.on_sample is not None:  # say a report, kept current through a long sweep
+                self.on_sample(self.store.rows())
         return self.store.rows()
 
     def run_sample(self, sample: RulerSample, length: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ streaming protocol, resumable, with a report (eval/ruler.py, eval/ruler_report.p
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from typing import Any
 
 from eval.result_store import ResultStore
@@ -105,9 +106,11 @@ def cmd_ruler(args: argparse.Namespace) -> int:
         gates = load_gates(args.gates)[0]
     store = ResultStore(args.out, overwrite=args.overwrite)
     store.check_config("model", args.model)
-    run = RulerRun(store, m.model, m.tokenizer, settings, gates, not args.no_progress)
+    write = partial(write_ruler_report, store.dir, protocol=settings.protocol)
+    # the report is rewritten after every sample, so a long sweep stopped early has one
+    run = RulerRun(store, m.model, m.tokenizer, settings, gates, not args.no_progress, write)
     rows = run.run()
-    report = write_ruler_report(store.dir, rows, settings.protocol)
+    report = write(rows)
     out: dict[str, Any] = {"report": str(report), "average": _averages(rows)}
     out["seconds_per_sample"] = sum(r["seconds"] for r in rows) / max(1, len(rows))
     out["prefill_s_per_sample"] = sum(r["prefill_s"] for r in rows) / max(1, len(rows))

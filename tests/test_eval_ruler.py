@@ -10,9 +10,11 @@ from types import SimpleNamespace
 import jax
 import pytest
 
+import smartkv_cli.ruler
 from eval import ruler as R
 from eval.perplexity import oracle_scores
 from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, pending, summarize
+from eval.ruler_report import write_ruler_report
 from eval.ruler_tasks import RulerSample
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
@@ -48,8 +50,16 @@ def _run(out, protocol: str, capsys, *extra) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_ruler_in_both_protocols(tiny, tmp_path, capsys):
+def test_ruler_in_both_protocols(tiny, tmp_path, capsys, monkeypatch):
+    reports = []  # rows each report was written from: after every sample, then at the end
+
+    def write(out_dir, rows, protocol):
+        reports.append([r["key"] for r in rows])
+        return write_ruler_report(out_dir, rows, protocol)
+
+    monkeypatch.setattr(smartkv_cli.ruler, "write_ruler_report", write)
     first = _run(tmp_path / "one", "oneshot", capsys)
+    assert reports == [["vt|800|0"], ["vt|800|0", "vt|800|1"], ["vt|800|0", "vt|800|1"]]
     rows = [json.loads(line) for line in (tmp_path / "one" / "results.jsonl").open()]
     assert sorted(r["key"] for r in rows) == ["vt|800|0", "vt|800|1"]
     for r in rows:
