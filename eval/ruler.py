@@ -30,15 +30,8 @@ from smartkv_jax.data import encode
 from smartkv_jax.gates import Gates
 from smartkv_jax.generate import generate
 from smartkv_jax.model import Transformer
-from smartkv_jax.oneshot import (
-    answer,
-    batch_cost_slots,
-    context_views,
-    decode_batches,
-    pack,
-    prefill_context,
-    select,
-)
+from smartkv_jax.oneshot import answer, context_views, pack, prefill_context, select
+from smartkv_jax.oneshot_batches import batch_cost_slots, decode_batches
 from smartkv_jax.policy_table import PolicyConfig
 from train.policy_names import parse_policy
 

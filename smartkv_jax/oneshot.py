@@ -8,9 +8,8 @@ context query paid it), keeping the last `obs` queries and the statistics of the
 before RoPE. `context_views` derives what each layer's policy reads, once; `select` turns
 that into one row per policy: each global layer keeps the slots its policy ranks best
 (`CachePolicy.context_scores`, `context_keep`); windowed layers keep their native caches.
-`pack` makes a batch of rows one cache (`compress`: both, for every row), `decode_batches`
-splits the rows into batches of like sizes, and `answer` reads the question from there and
-decodes greedily.
+`pack` makes a batch of rows one cache (`compress`: both, for every row; which rows share a
+batch: oneshot_batches.py), and `answer` reads the question from there and decodes greedily.
 
 Shapes: L layers, B rows, K KV heads, H query heads, S slots, W observation queries, D head
 dim, R compressed rows.
@@ -25,7 +24,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from .attention import AttentionRule
 from .cache import KVCache, LayerCache, init_cache
@@ -228,13 +226,11 @@ def context_views(
 
 @dataclasses.dataclass
 class Selection:
-    """What each of R policies keeps of one context, before packing: rows[r]: policy r's
-    table resolved at the context's length; keeps[layer][r]: which slots [1, K, S] row r
-    keeps in each global layer; slots_R: the most slots one head of the row needs in any
-    layer (its capacity scaled to the nominal length, or what a head-adaptive rule gave a
-    head), room for the question and answer not included."""
+    """What each of R policies keeps of one context, before packing: keeps[layer][r]: which
+    slots [1, K, S] row r keeps in each global layer; slots_R: the most slots one head of the
+    row needs in any layer (its capacity scaled to the nominal length, or what a
+    head-adaptive rule gave a head), room for the question and answer not included."""
 
-    rows: list[PolicyConfig]
     keeps: dict[int, list[jax.Array]]
     slots_R: np.ndarray
 
@@ -265,7 +261,7 @@ def select(
     caps_LR = np.array([[_capacity(r.layers[i], ctx.length) for r in rows] for i in keeps])
     need_LR = np.maximum(np.ceil(caps_LR * scale), most_LR).astype(np.int64)
     slots = need_LR.max(0) if len(keeps) else np.zeros(len(rows), np.int64)
-    return Selection(rows, {i: [k for k, _ in ks] for i, ks in keeps.items()}, slots)
+    return Selection({i: [k for k, _ in ks] for i, ks in keeps.items()}, slots)
 
 
 def pack(
@@ -284,7 +280,7 @@ def pack(
     layer. The slots past what a row holds stay empty, so this changes no answer, and
     decoding many small groups (per-layer budgets, as PyramidKV's) costs more than the
     padding: a layer loop of its own each, and the model's weights restacked to match.
-    Rows of unlike needs are best packed apart (`decode_batches`)."""
+    Rows of unlike needs are best packed apart (`oneshot_batches.decode_batches`)."""
     cfg = model.cfg
     rows = list(rows)
     size = int(selection.sizes(room)[rows].max())
@@ -322,41 +318,6 @@ def compress(
     theirs)."""
     selection = select(model, ctx, policies, views, oracle_LKT, size_length)
     return pack(model, ctx, selection, range(len(policies)), room)
-
-
-SLOT_COST = 3.5  # a cached key/value byte over a weight byte, in a decode step's time
-
-
-def batch_cost_slots(model: Transformer) -> float:
-    """What one more decode batch costs a step (reading the weights once more) in rows x
-    slots of the compressed (global) layers' cache. On XLA's CPU backend a decode step's
-    attention takes about SLOT_COST times as long per byte as its weight matmuls
-    (SmolLM2-135M in float32: about 0.0125 ms a row-slot against 40 ms for the weights,
-    docs/design.md)."""
-    cfg = model.cfg
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    glob = sum(1 for i in range(cfg.num_layers) if not cfg.window(i))
-    slot_bytes = max(glob, 1) * 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
-    return weight_bytes / (slot_bytes * SLOT_COST)
-
-
-def decode_batches(sizes_R: Sequence[int], batch_cost: float) -> list[list[int]]:
-    """The rows (by index) split into decode batches of like slot counts: a batch of n rows
-    whose largest takes S slots costs batch_cost + n * S a step (each row then attends over
-    S slots), and the split minimizes the sum (rows sorted by size, cut where a new batch
-    pays). Batches in ascending size; rows in each by index."""
-    order = np.argsort(np.asarray(sizes_R), kind="stable")
-    s = np.asarray(sizes_R, np.float64)[order]
-    best, cut = np.zeros(len(s) + 1), np.zeros(len(s) + 1, np.int64)
-    for j in range(1, len(s) + 1):
-        costs = [best[i] + batch_cost + (j - i) * s[j - 1] for i in range(j)]
-        cut[j] = int(np.argmin(costs))
-        best[j] = costs[cut[j]]
-    batches, j = [], len(s)
-    while j:
-        batches.append(sorted(order[cut[j] : j].tolist()))
-        j = cut[j]
-    return batches[::-1]
 
 
 def _capacity(policy, length: int) -> int:

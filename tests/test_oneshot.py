@@ -18,11 +18,11 @@ from smartkv_jax.oneshot import (
     compress,
     context_view,
     context_views,
-    decode_batches,
     pack,
     prefill_context,
     select,
 )
+from smartkv_jax.oneshot_batches import decode_batches
 from smartkv_jax.policy_table import PolicyConfig, make_policy
 from train.policy_names import parse_policy
 
