@@ -272,7 +272,8 @@ class RulerRun:
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean score per (length, cell, task), per (length, cell) over tasks (each task
-    weighted equally), mean memory per (length, cell) and the samples per task."""
+    weighted equally) with its standard error (from each task's sample variance; NaN while
+    a task has one sample), mean memory per (length, cell) and the samples per task."""
     by: dict[tuple[int, str, str], list[float]] = {}
     mem: dict[tuple[int, str], list[float]] = {}
     for r in rows:
@@ -281,12 +282,16 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             mem.setdefault((r["length"], cell), []).append(r["memory"][cell])
     per_task = {k: float(np.mean(v)) for k, v in by.items()}
     average: dict[tuple[int, str], float] = {}
+    stderr: dict[tuple[int, str], float] = {}
     for length, cell in mem:
-        tasks = [v for (n, c, _), v in per_task.items() if (n, c) == (length, cell)]
-        average[length, cell] = float(np.mean(tasks))
+        tasks = [v for (n, c, _), v in by.items() if (n, c) == (length, cell)]
+        average[length, cell] = float(np.mean([np.mean(v) for v in tasks]))
+        var = [np.var(v, ddof=1) / len(v) if len(v) > 1 else np.nan for v in tasks]
+        stderr[length, cell] = float(np.sqrt(np.sum(var)) / len(tasks))
     return {
         "per_task": per_task,
         "average": average,
+        "stderr": stderr,
         "memory": {k: float(np.mean(v)) for k, v in mem.items()},
         "samples": {k: len(v) for k, v in by.items()},
     }

@@ -1,5 +1,6 @@
-"""The RULER report: per-task scores and the average per policy and budget (markdown), and
-the average score against memory (PNG), written into the results directory."""
+"""The RULER report: the average per policy and budget (with its 95% interval and its share
+of the full cache's), per-task scores and the time per sample (markdown), and the average
+score against memory (PNG), written into the results directory."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from smartkv_jax.jsonio import write_text_atomic
 
-from .markdown import pct
+from .markdown import num, pct
 from .plots import _pyplot, _save
-from .ruler import split_cell, summarize
+from .ruler import FULL_KEY, split_cell, summarize
 
 
 def _cells(summary: dict[str, Any], length: int) -> list[str]:
@@ -30,13 +33,7 @@ def ruler_markdown(rows: Sequence[dict[str, Any]], protocol: str) -> str:
         tasks = sorted({t for (n, _, t) in s["per_task"] if n == length})
         samples = sorted({s["samples"][length, c, t] for c in cells for t in tasks})
         lines += [f"## {length} tokens ({'/'.join(map(str, samples))} samples per task)", ""]
-        lines += ["| policy | budget | memory | average |", "|---|---:|---:|---:|"]
-        for c in cells:
-            p, m = split_cell(c)
-            lines.append(
-                f"| {p} | {pct(m)} | {pct(s['memory'][length, c])} | "
-                f"{s['average'][length, c]:.1f} |"
-            )
+        lines += _average_lines(s, length, cells)
         lines += ["", "| policy | budget | " + " | ".join(tasks) + " |"]
         lines.append("|---|---:|" + "---:|" * len(tasks))
         for c in cells:
@@ -44,8 +41,42 @@ def ruler_markdown(rows: Sequence[dict[str, Any]], protocol: str) -> str:
             vals = [s["per_task"].get((length, c, t)) for t in tasks]
             shown = ["" if v is None else f"{v:.0f}" for v in vals]
             lines.append(f"| {p} | {pct(m)} | " + " | ".join(shown) + " |")
-        lines.append("")
+        lines += ["", *_time_lines([r for r in rows if r["length"] == length]), ""]
     return "\n".join(lines)
+
+
+def _average_lines(s: dict[str, Any], length: int, cells: list[str]) -> list[str]:
+    """The average per cell, its 95% interval's half-width (1.96 standard errors over the
+    samples) and its share of the full cache's average."""
+    full = s["average"].get((length, FULL_KEY))
+    lines = [
+        "| policy | budget | memory | average | ± (95%) | of full |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        p, m = split_cell(c)
+        avg = s["average"][length, c]
+        share = pct(avg / full) if full else "n/a"
+        lines.append(
+            f"| {p} | {pct(m)} | {pct(s['memory'][length, c])} | {avg:.1f} | "
+            f"{num(1.96 * s['stderr'][length, c], '.1f')} | {share} |"
+        )
+    return lines
+
+
+def _time_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Wall time per sample by task (each sample: its prefill, every cell's compression and
+    answer), the prefill part apart, and the run's total."""
+    lines = ["Wall time per sample, and the part spent prefilling the context:", ""]
+    lines += ["| task | samples | s per sample | prefill s |", "|---|---:|---:|---:|"]
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    for task, group in [*sorted(by_task.items()), ("all", list(rows))]:
+        secs, pre = (np.mean([r[k] for r in group]) for k in ("seconds", "prefill_s"))
+        lines.append(f"| {task} | {len(group)} | {secs:.1f} | {pre:.1f} |")
+    total = sum(r["seconds"] for r in rows) / 60
+    return [*lines, "", f"{len(rows)} samples in {total:.1f} min of sample time."]
 
 
 def ruler_plot(rows: Sequence[dict[str, Any]], out_dir: Path, length: int) -> str:

@@ -8,13 +8,14 @@ import json
 from types import SimpleNamespace
 
 import jax
+import numpy as np
 import pytest
 
 import smartkv_cli.ruler
 from eval import ruler as R
 from eval.perplexity import oracle_scores
 from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, pending, summarize
-from eval.ruler_report import write_ruler_report
+from eval.ruler_report import ruler_markdown, write_ruler_report
 from eval.ruler_tasks import RulerSample
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
@@ -113,6 +114,31 @@ def test_summary_weighs_tasks_equally():
     s = summarize(rows)
     assert s["per_task"][8, "x|1", "a"] == 50.0 and s["average"][8, "x|1"] == 75.0
     assert s["samples"][8, "x|1", "a"] == 2
+    assert np.isnan(s["stderr"][8, "x|1"])  # task b has one sample: no variance yet
+
+
+def _row(task: str, index: int, full: float, half: float, seconds: float) -> dict:
+    scores = {"full|1": full, "w|0.5": half}
+    return {
+        "key": f"{task}|8|{index}", "task": task, "length": 8, "index": index,
+        "scores": scores, "memory": {"full|1": 1.0, "w|0.5": 0.5},
+        "seconds": seconds, "prefill_s": seconds / 4,
+    }  # fmt: skip
+
+
+def test_report_gives_the_interval_the_share_of_full_and_the_time_per_sample():
+    rows = [
+        _row("a", 0, 100.0, 100.0, 10.0), _row("a", 1, 100.0, 0.0, 30.0),
+        _row("b", 0, 50.0, 0.0, 60.0), _row("b", 1, 50.0, 0.0, 20.0),
+    ]  # fmt: skip
+    s = summarize(rows)
+    # task a: scores 100, 0 (variance 5000, over 2 samples); task b: 0, 0; mean of 2 tasks
+    assert s["average"][8, "w|0.5"] == 25.0 and s["stderr"][8, "w|0.5"] == 25.0
+    text = ruler_markdown(rows, "oneshot")
+    assert "| w | 50% | 50% | 25.0 | 49.0 | 33.3% |" in text  # 25 / full's 75
+    assert "| full | 100% | 100% | 75.0 | 0.0 | 100% |" in text
+    assert "| a | 2 | 20.0 | 5.0 |" in text and "| b | 2 | 40.0 | 10.0 |" in text
+    assert "| all | 4 | 30.0 | 7.5 |" in text and "4 samples in 2.0 min" in text
 
 
 @pytest.mark.parametrize("protocol", ["oneshot", "streaming"])
