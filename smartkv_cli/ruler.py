@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from eval.result_store import ResultStore
@@ -16,6 +17,7 @@ from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, split_cell, summari
 from eval.ruler_report import write_ruler_report
 from eval.ruler_tasks import TASKS
 from smartkv_cli.flags import add_field, add_model_flags, field_values
+from smartkv_jax.errors import InputFileError
 from smartkv_jax.jsonio import dumps
 
 _RULER = RulerSettings()
@@ -74,6 +76,12 @@ def add_ruler_cli(sub, memory_arg) -> None:
         help=f"preset: tasks {' '.join(QUICK_TASKS)}, 10 samples, budgets 12.5%% and 25%% "
         "(--tasks, --samples or --memory given beside it replace that part of the preset)",
     )
+    r.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report and print the averages of the samples --out holds, running "
+        "nothing (say, of a sweep stopped early); the other run flags are ignored",
+    )
     r.add_argument("--overwrite", action="store_true", help="move results of other settings aside")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -96,6 +104,8 @@ def settings_from_args(args: argparse.Namespace) -> RulerSettings:
 def cmd_ruler(args: argparse.Namespace) -> int:
     from smartkv_cli.eval import load_model
 
+    if args.report_only:
+        return _print_report(args, *_stored_run(args.out))
     settings = settings_from_args(args)
     settings.check()
     m = load_model(args.model, args.dtype, args.mesh)
@@ -109,8 +119,24 @@ def cmd_ruler(args: argparse.Namespace) -> int:
     write = partial(write_ruler_report, store.dir, protocol=settings.protocol)
     # the report is rewritten after every sample, so a long sweep stopped early has one
     run = RulerRun(store, m.model, m.tokenizer, settings, gates, not args.no_progress, write)
-    rows = run.run()
-    report = write(rows)
+    return _print_report(args, store, run.run(), settings.protocol)
+
+
+def _stored_run(out_dir: str) -> tuple[ResultStore, list[dict[str, Any]], str]:
+    """(store, rows, protocol) of a RULER results directory that holds samples."""
+    if not (Path(out_dir) / "config.json").is_file():
+        raise InputFileError(f"--out {out_dir}: no RULER results there (no config.json)")
+    store = ResultStore(out_dir)
+    stored, rows = store.config().get("ruler"), store.rows()
+    if not stored or not rows:
+        raise InputFileError(f"--out {out_dir}: holds no RULER samples")
+    return store, rows, stored["protocol"]
+
+
+def _print_report(args, store: ResultStore, rows: list[dict[str, Any]], protocol: str) -> int:
+    """Write the report of `rows` into the store and print the averages and the time per
+    sample (one JSON object with --json)."""
+    report = write_ruler_report(store.dir, rows, protocol)
     out: dict[str, Any] = {"report": str(report), "average": _averages(rows)}
     out["seconds_per_sample"] = sum(r["seconds"] for r in rows) / max(1, len(rows))
     out["prefill_s_per_sample"] = sum(r["prefill_s"] for r in rows) / max(1, len(rows))

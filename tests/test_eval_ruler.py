@@ -68,8 +68,10 @@ def test_ruler_in_both_protocols(tiny, tmp_path, capsys, monkeypatch):
         assert all(0 <= s <= 100 for s in r["scores"].values())
         assert r["memory"]["full|1"] == 1.0
         assert all(abs(m - 0.25) < 0.01 for k, m in r["memory"].items() if k != "full|1")
-    # a rerun finds every sample done and reports the same
+    # a rerun finds every sample done and reports the same; so does --report-only
     assert _run(tmp_path / "one", "oneshot", capsys)["average"] == first["average"]
+    only = ["eval", "ruler", "--out", str(tmp_path / "one"), "--report-only", "--json"]
+    assert main(only) == 0 and json.loads(capsys.readouterr().out) == first
     assert len((tmp_path / "one" / "results.jsonl").read_text().splitlines()) == 2
     report = (tmp_path / "one" / "ruler_report.md").read_text()
     assert "| pyramidkv | 25% |" in report and (tmp_path / "one" / "ruler_800.png").is_file()
@@ -89,6 +91,14 @@ def test_ruler_in_both_protocols(tiny, tmp_path, capsys, monkeypatch):
     # other settings in the same directory are refused
     assert main(["eval", "ruler", "--model", "tiny", "--out", str(tmp_path / "one"),
                  "--samples", "3", "--no-progress"]) == 2  # fmt: skip
+
+
+def test_report_only_needs_a_results_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "missing", tmp_path / "empty"):
+        assert main(["eval", "ruler", "--out", str(out), "--report-only"]) == 2
+        assert "no RULER results there" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()  # nothing created
 
 
 def _ruler_settings(*argv: str) -> RulerSettings:
