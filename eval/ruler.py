@@ -280,18 +280,42 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for cell, sc in r["scores"].items():
             by.setdefault((r["length"], cell, r["task"]), []).append(sc)
             mem.setdefault((r["length"], cell), []).append(r["memory"][cell])
-    per_task = {k: float(np.mean(v)) for k, v in by.items()}
-    average: dict[tuple[int, str], float] = {}
-    stderr: dict[tuple[int, str], float] = {}
-    for length, cell in mem:
-        tasks = [v for (n, c, _), v in by.items() if (n, c) == (length, cell)]
-        average[length, cell] = float(np.mean([np.mean(v) for v in tasks]))
-        var = [np.var(v, ddof=1) / len(v) if len(v) > 1 else np.nan for v in tasks]
-        stderr[length, cell] = float(np.sqrt(np.sum(var)) / len(tasks))
+    average = {
+        (length, cell): task_average([v for (n, c, _), v in by.items() if (n, c) == (length, cell)])
+        for length, cell in mem
+    }
     return {
-        "per_task": per_task,
-        "average": average,
-        "stderr": stderr,
+        "per_task": {k: float(np.mean(v)) for k, v in by.items()},
+        "average": {k: a for k, (a, _) in average.items()},
+        "stderr": {k: e for k, (_, e) in average.items()},
         "memory": {k: float(np.mean(v)) for k, v in mem.items()},
         "samples": {k: len(v) for k, v in by.items()},
     }
+
+
+def task_average(values_by_task: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(the mean over tasks of each task's mean over its samples, its standard error:
+    sqrt(sum of var_t / n_t) / tasks from each task's sample variance; NaN while a task
+    has one sample)."""
+    mean = float(np.mean([np.mean(v) for v in values_by_task]))
+    var = [np.var(v, ddof=1) / len(v) if len(v) > 1 else np.nan for v in values_by_task]
+    return mean, float(np.sqrt(np.sum(var)) / len(values_by_task))
+
+
+def paired_gaps(
+    rows: Sequence[dict[str, Any]], ours: str, length: int
+) -> dict[tuple[str, float], tuple[float, float]]:
+    """{(other policy, memory fraction): `task_average` of ours' score minus its, sample by
+    sample} at `length`, for every other policy (full and oracles aside) run at a budget
+    ours ran at: a paired comparison on the same samples."""
+    diffs: dict[tuple[str, float], dict[str, list[float]]] = {}
+    for r in rows:
+        if r["length"] != length:
+            continue
+        for cell, sc in r["scores"].items():
+            policy, memory = split_cell(cell)
+            mine = r["scores"].get(cell_key(ours, memory))
+            if mine is None or policy in (ours, "full") or policy.startswith("oracle"):
+                continue
+            diffs.setdefault((policy, memory), {}).setdefault(r["task"], []).append(mine - sc)
+    return {k: task_average(list(v.values())) for k, v in diffs.items()}

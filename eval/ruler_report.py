@@ -14,7 +14,7 @@ from smartkv_jax.jsonio import write_text_atomic
 
 from .markdown import num, pct
 from .plots import _pyplot, _save
-from .ruler import FULL_KEY, split_cell, summarize
+from .ruler import FULL_KEY, paired_gaps, split_cell, summarize
 
 
 def _cells(summary: dict[str, Any], length: int) -> list[str]:
@@ -41,6 +41,8 @@ def ruler_markdown(rows: Sequence[dict[str, Any]], protocol: str) -> str:
             vals = [s["per_task"].get((length, c, t)) for t in tasks]
             shown = ["" if v is None else f"{v:.0f}" for v in vals]
             lines.append(f"| {p} | {pct(m)} | " + " | ".join(shown) + " |")
+        for ours in dict.fromkeys(p for p, _ in map(split_cell, cells) if p.startswith("hybrid")):
+            lines += ["", *_gap_lines(rows, ours, length)]
         lines += ["", *_time_lines([r for r in rows if r["length"] == length]), ""]
     return "\n".join(lines)
 
@@ -61,6 +63,21 @@ def _average_lines(s: dict[str, Any], length: int, cells: list[str]) -> list[str
             f"| {p} | {pct(m)} | {pct(s['memory'][length, c])} | {avg:.1f} | "
             f"{num(1.96 * s['stderr'][length, c], '.1f')} | {share} |"
         )
+    return lines
+
+
+def _gap_lines(rows: Sequence[dict[str, Any]], ours: str, length: int) -> list[str]:
+    """`ours` minus every other policy at each budget, paired sample by sample, with the
+    95% interval's half-width."""
+    gaps = paired_gaps(rows, ours, length)
+    budgets = sorted({m for _, m in gaps})
+    lines = [f"{ours} minus each policy, paired on the same samples (± 95%):", ""]
+    lines += ["| policy | " + " | ".join(pct(m) for m in budgets) + " |"]
+    lines.append("|---|" + "---:|" * len(budgets))
+    for policy in dict.fromkeys(p for p, _ in gaps):
+        cells = [gaps.get((policy, m)) for m in budgets]
+        shown = ["" if g is None else f"{g[0]:+.1f} ± {num(1.96 * g[1], '.1f')}" for g in cells]
+        lines.append(f"| {policy} | " + " | ".join(shown) + " |")
     return lines
 
 

@@ -127,19 +127,19 @@ def test_summary_weighs_tasks_equally():
     assert np.isnan(s["stderr"][8, "x|1"])  # task b has one sample: no variance yet
 
 
-def _row(task: str, index: int, full: float, half: float, seconds: float) -> dict:
-    scores = {"full|1": full, "w|0.5": half}
+def _row(task: str, index: int, full: float, half: float, ours: float, seconds: float) -> dict:
+    scores = {"full|1": full, "w|0.5": half, "hybrid-x|0.5": ours}
     return {
         "key": f"{task}|8|{index}", "task": task, "length": 8, "index": index,
-        "scores": scores, "memory": {"full|1": 1.0, "w|0.5": 0.5},
+        "scores": scores, "memory": {"full|1": 1.0, "w|0.5": 0.5, "hybrid-x|0.5": 0.5},
         "seconds": seconds, "prefill_s": seconds / 4,
     }  # fmt: skip
 
 
-def test_report_gives_the_interval_the_share_of_full_and_the_time_per_sample():
+def test_report_gives_intervals_the_share_of_full_paired_gaps_and_the_time_per_sample():
     rows = [
-        _row("a", 0, 100.0, 100.0, 10.0), _row("a", 1, 100.0, 0.0, 30.0),
-        _row("b", 0, 50.0, 0.0, 60.0), _row("b", 1, 50.0, 0.0, 20.0),
+        _row("a", 0, 100.0, 100.0, 100.0, 10.0), _row("a", 1, 100.0, 0.0, 100.0, 30.0),
+        _row("b", 0, 50.0, 0.0, 50.0, 60.0), _row("b", 1, 50.0, 0.0, 0.0, 20.0),
     ]  # fmt: skip
     s = summarize(rows)
     # task a: scores 100, 0 (variance 5000, over 2 samples); task b: 0, 0; mean of 2 tasks
@@ -149,6 +149,10 @@ def test_report_gives_the_interval_the_share_of_full_and_the_time_per_sample():
     assert "| full | 100% | 100% | 75.0 | 0.0 | 100% |" in text
     assert "| a | 2 | 20.0 | 5.0 |" in text and "| b | 2 | 40.0 | 10.0 |" in text
     assert "| all | 4 | 30.0 | 7.5 |" in text and "4 samples in 2.0 min" in text
+    # ours minus w, sample by sample: task a 0, 100; task b 50, 0
+    gap, err = R.paired_gaps(rows, "hybrid-x", 8)["w", 0.5]
+    assert gap == 37.5 and err == pytest.approx(np.sqrt(2500 + 625) / 2)
+    assert "| w | +37.5 ± 54.8 |" in text and "| full |" not in text.split("minus")[1]
 
 
 @pytest.mark.parametrize("protocol", ["oneshot", "streaming"])
