@@ -27,14 +27,13 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 from tqdm import tqdm
 
 from eval.bench_case import Case, book_prompts, case_in_subprocess
 from smartkv_jax.convert import DEFAULT_MODEL, load_tokenizer
-from smartkv_jax.jsonio import dumps, write_json, write_text_atomic
+from smartkv_jax.jsonio import dumps, write_table_and_rows
 from smartkv_jax.model_shapes import RANDOM_PREFIX
 from smartkv_jax.parity import torch_model
 
@@ -207,10 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = _measure(args)
     table = _table(rows, args)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".md"), table + "\n")
-    write_json(out.with_suffix(".json"), rows, indent=2)
+    write_table_and_rows(args.out, table, rows)
 
 
 if __name__ == "__main__":

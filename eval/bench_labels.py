@@ -16,9 +16,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from smartkv_jax.jsonio import dumps, write_json, write_text_atomic
+from smartkv_jax.jsonio import dumps, write_table_and_rows
 
 
 def child(window: int, method: str) -> dict:
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".md"), table + "\n")
-    write_json(out.with_suffix(".json"), rows, indent=2)
+    write_table_and_rows(args.out, table, rows)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ def write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> Path:
     return write_text_atomic(path, dumps(obj, **kwargs) + "\n")
 
 
+def write_table_and_rows(out: str | os.PathLike, table: str, rows: Any) -> None:
+    """A benchmark's outputs side by side: the markdown `table` in OUT.md and the `rows` in
+    OUT.json (any suffix of `out` replaced; its directory made)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out.with_suffix(".md"), table + "\n")
+    write_json(out.with_suffix(".json"), rows, indent=2)
+
+
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """`path` if a file can be written there: not a directory nor another non-regular file,
     in an existing directory that accepts new files (tried with a temporary file). Raises

@@ -13,6 +13,7 @@ import pytest
 from eval import bench_accelerator
 from eval.bench_case import Case, case_model
 from smartkv_jax.errors import SmartKVError
+from smartkv_jax.jsonio import write_table_and_rows
 
 # what `python -m eval.bench_accelerator` must run without (an accelerator host has JAX, flax,
 # optax, orbax and transformers; the benchmark needs none of the last two either)
@@ -107,3 +108,10 @@ def test_random_shapes_take_the_case_length_and_real_models_refuse_layers():
     assert short.cfg.max_position == 8192  # the shape's own limit when the case fits
     with pytest.raises(SmartKVError, match="--layers needs a random:NAME model"):
         case_model(Case("smollm2", 100, 1, layers=1))
+
+
+def test_a_benchmarks_table_and_rows_land_side_by_side(tmp_path):
+    rows = [{"context": 4096, "tokens_per_s": 12.5}]
+    write_table_and_rows(tmp_path / "new" / "bench.json", "| a |\n|---|", rows)
+    assert (tmp_path / "new" / "bench.md").read_text() == "| a |\n|---|\n"
+    assert json.loads((tmp_path / "new" / "bench.json").read_text()) == rows
