@@ -31,7 +31,13 @@ from eval.sweep_settings import (
     sweep_entries,
 )
 from smartkv_cli.errors import OneLineParser, run_command
-from smartkv_cli.flags import add_field, add_model_flags, field_values, place_model
+from smartkv_cli.flags import (
+    add_field,
+    add_model_flags,
+    add_results_flags,
+    field_values,
+    place_model,
+)
 from smartkv_cli.ruler import add_ruler_cli
 from smartkv_jax.config import ModelConfig
 from smartkv_jax.jsonio import dumps
@@ -90,14 +96,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     add_field(p, "--tau", _SWEEP, "tau", help="oracle labelling threshold")
     add_field(p, "--n-boot", _SWEEP, "n_boot", help="bootstrap resamples")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="if --out holds results of other settings, move them into --out/replaced-<time>/ "
-        "and start afresh (default: refuse, naming the settings that differ)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_results_flags(p)
 
 
 def _add_ppl(p: argparse.ArgumentParser) -> None:

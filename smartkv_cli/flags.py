@@ -76,6 +76,19 @@ def add_model_flags(p: argparse.ArgumentParser, dtype: bool = True, mesh: bool =
         )
 
 
+def add_results_flags(p: argparse.ArgumentParser) -> None:
+    """--overwrite, --no-progress and --json of a command that fills a resumable results
+    directory (--out)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if --out holds results of other settings, move them into --out/replaced-<time>/ "
+        "and start afresh (default: refuse, naming the settings that differ)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def mesh_arg(text: str) -> tuple[int, int]:
     """--mesh DATAxMODEL -> (data, model), both >= 1."""
     parts = text.lower().split("x")

@@ -16,7 +16,7 @@ from eval.result_store import ResultStore
 from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, split_cell, summarize
 from eval.ruler_report import write_ruler_report
 from eval.ruler_tasks import TASKS
-from smartkv_cli.flags import add_field, add_model_flags, field_values
+from smartkv_cli.flags import add_field, add_model_flags, add_results_flags, field_values
 from smartkv_jax.errors import InputFileError
 from smartkv_jax.jsonio import dumps
 
@@ -82,9 +82,7 @@ def add_ruler_cli(sub, memory_arg) -> None:
         help="rewrite the report and print the averages of the samples --out holds, running "
         "nothing (say, of a sweep stopped early); the other run flags are ignored",
     )
-    r.add_argument("--overwrite", action="store_true", help="move results of other settings aside")
-    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    r.add_argument("--json", action="store_true", help="print one JSON object")
+    add_results_flags(r)
     r.set_defaults(func=cmd_ruler)
 
 
