@@ -175,13 +175,14 @@ def context_view(
 
 
 @partial(jax.jit, static_argnames="policy")
-def _keep(policy, capacity: jax.Array, view: ContextView) -> tuple[jax.Array, jax.Array]:
-    """(which slots [B, K, S] `policy` keeps at `capacity` slots per head, the most any one
-    head keeps []): its capacity stripped, so one program serves every budget; a
-    head-adaptive rule may give one head more than `capacity`."""
+def _keep(policy, capacity_N: jax.Array, view: ContextView) -> tuple[jax.Array, jax.Array]:
+    """(which slots [N, B, K, S] `policy` keeps at each of N capacities (slots per head), the
+    most any one head keeps at each [N]): the slots are ranked once for all N, and the
+    policy's own capacity is stripped, so one program serves every budget; a head-adaptive
+    rule may give one head more than its capacity."""
     rank = policy.ranks(view.cache.pos, policy.context_scores(view), view.t_B)
-    keep = policy.context_keep(rank, capacity)
-    return keep, jnp.max(jnp.sum(keep, axis=-1))
+    keep = jax.vmap(lambda c: policy.context_keep(rank, c))(capacity_N)
+    return keep, jnp.max(jnp.sum(keep, axis=-1), axis=(1, 2))
 
 
 @partial(jax.jit, static_argnames="size")
@@ -326,20 +327,24 @@ def _capacity(policy, length: int) -> int:
 
 
 def _keeps(rows: Sequence[PolicyConfig], views, oracle_LKT, length: int) -> dict:
-    """{global layer: each row's `_keep` (keep [B, K, S], the most one head keeps)} at the
-    rows' capacities (resolved tables)."""
-    return {
-        i: [
-            _keep(
-                dataclasses.replace(r.layers[i], capacity=None),
-                jnp.int32(_capacity(r.layers[i], length)),
-                _view_for(r.layers[i], view, oracle_LKT, i),
-            )
-            for r in rows
-        ]
-        for i, view in enumerate(views)
-        if view is not None
-    }
+    """{global layer: each row's (keep [B, K, S], the most one head keeps)} at the rows'
+    capacities (resolved tables). The rows whose layer policy differs only in capacity (one
+    policy at several budgets) share one `_keep`: their slots are scored and ranked once."""
+    keeps = {}
+    for i, view in enumerate(views):
+        if view is None:
+            continue
+        groups: dict = {}  # the layer's policy without its capacity -> its rows
+        for r, row in enumerate(rows):
+            groups.setdefault(dataclasses.replace(row.layers[i], capacity=None), []).append(r)
+        out = [None] * len(rows)
+        for policy, members in groups.items():
+            caps = jnp.array([_capacity(rows[r].layers[i], length) for r in members], jnp.int32)
+            keep_N, most_N = _keep(policy, caps, _view_for(policy, view, oracle_LKT, i))
+            for n, r in enumerate(members):
+                out[r] = (keep_N[n], most_N[n])
+        keeps[i] = out
+    return keeps
 
 
 def _view_for(policy, view: ContextView, oracle_LKT: np.ndarray | None, layer: int):

@@ -115,6 +115,25 @@ def test_every_row_keeps_its_budget(setup, kind):
     assert len(out) == 4
 
 
+@pytest.mark.parametrize("kind", ["snapkv", "adakv", "pyramidkv"])
+def test_budgets_ranked_together_keep_what_each_keeps_alone(setup, kind):
+    """One policy at several budgets shares one ranking of the slots (`select` groups rows
+    that differ only in capacity), between other policies: every row keeps exactly what it
+    keeps when selected on its own, in the order the rows were given."""
+    model, _, _, ctx = setup
+    views = context_views(model, ctx)
+    policies = [make_policy(kind, CFG.num_layers, T, m) for m in (0.5, 0.1, 0.25)]
+    policies.insert(1, make_policy("window", CFG.num_layers, T, 0.25))
+    together = select(model, ctx, policies, views)
+    for r, policy in enumerate(policies):
+        alone = select(model, ctx, [policy], views)
+        assert together.slots_R[r] == alone.slots_R[0]
+        for layer, keeps in together.keeps.items():
+            np.testing.assert_array_equal(keeps[r], alone.keeps[layer][0])
+    kept = [int(np.sum(together.keeps[0][r])) for r in range(len(policies))]
+    assert kept[0] > kept[3] > kept[2]  # 50% > 25% > 10% of the context
+
+
 def test_oracle_keeps_the_keys_the_sample_will_use(setup):
     """The oracle ranks the context by the sample's true lifespans: positions given a long
     life are kept (with the sinks and the recent window), the budget holds, and it refuses to
