@@ -186,14 +186,16 @@ def _keep(policy, capacity_N: jax.Array, view: ContextView) -> tuple[jax.Array, 
 
 
 @partial(jax.jit, static_argnames="size")
-def _pack(lc: LayerCache, keep_BKS: jax.Array, size: int) -> LayerCache:
-    """The kept slots of `lc` packed into `size` slots per head (>= the most any head
-    keeps): kept first, in position order; the rest empty."""
-    idx = packed_indices(keep_BKS, size)  # [B, K, size]: kept slots first, in order
-    took = jnp.arange(size) < jnp.sum(keep_BKS, axis=-1, keepdims=True)
+def _pack(lc: LayerCache, keep_RKS: jax.Array, size: int) -> LayerCache:
+    """The slots of one layer's cache `lc` (batch 1) each of R rows keeps, packed into `size`
+    slots per head (>= the most any head keeps): kept first, in position order; the rest
+    empty. Returns the rows' layer [R, K, size, ...]."""
+    idx = packed_indices(keep_RKS, size)  # [R, K, size]: kept slots first, in order
+    took = jnp.arange(size) < jnp.sum(keep_RKS, axis=-1, keepdims=True)
+    rows = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(keep_RKS), *x.shape[1:])), lc)
     pick = partial(jnp.take_along_axis, indices=idx[..., None], axis=2)
-    pos = jnp.where(took, jnp.take_along_axis(lc.pos, idx, axis=-1), -1)
-    k, v = (jnp.where(took[..., None], pick(x), 0) for x in (lc.k, lc.v))  # empty slots: 0
+    pos = jnp.where(took, jnp.take_along_axis(rows.pos, idx, axis=-1), -1)
+    k, v = (jnp.where(took[..., None], pick(x), 0) for x in (rows.k, rows.v))  # empty: 0
     return LayerCache(k, v, pos, jnp.zeros(pos.shape, jnp.float32))
 
 
@@ -286,22 +288,21 @@ def pack(
     rows = list(rows)
     size = int(selection.sizes(room)[rows].max())
     compressed_L = [i in selection.keeps for i in range(cfg.num_layers)]
-    layers = []
-    for i, compressed in enumerate(compressed_L):
-        if not compressed:  # the model's own window: the native cache, in every row
-            layers.append([_layer_cache(ctx.cache, i)] * len(rows))
-            continue
-        lc = _layer_cache(ctx.cache, i)
-        layers.append([_pack(lc, selection.keeps[i][r], size) for r in rows])
-    counts = [[jnp.sum(lc.pos >= 0) for lc in per_row] for per_row in layers]
-    kept_LR = np.asarray(jax.device_get(counts), np.int64)  # one transfer, not L x R
+    table = _decode_table(ctx.policy, size)
+    keeps = [
+        jnp.concatenate([selection.keeps[i][r] for r in rows]) if compressed else None
+        for i, compressed in enumerate(compressed_L)
+    ]
+    layers = [_layer_cache(ctx.cache, i) for i in range(cfg.num_layers)]
+    bounds = tuple((a, b) for a, b, _ in table.groups())
+    groups, counts_LR = _packed_groups(layers, keeps, size, len(rows), bounds)
+    kept_LR = np.asarray(jax.device_get(counts_LR), np.int64)
     native = [
         cfg.num_kv_heads * ctx.length if compressed else kept_LR[i, 0]
         for i, compressed in enumerate(compressed_L)
     ]
-    table = _decode_table(ctx.policy, layers)
     mesh = model_mesh(model)
-    cache = place_cache(_stack_rows(table, layers), mesh)
+    cache = place_cache(KVCache(groups, bounds, resolve_kernels("auto")), mesh)
     cache = dataclasses.replace(cache, mesh=mesh)  # a Pallas kernel then runs per shard
     return Compressed(cache, table, kept_LR.T, np.asarray(native))
 
@@ -357,32 +358,29 @@ def _view_for(policy, view: ContextView, oracle_LKT: np.ndarray | None, layer: i
     return dataclasses.replace(view, aux=jnp.asarray(oracle_LKT[layer], jnp.float32)[None])
 
 
-def _decode_table(context_policy: PolicyConfig, layers: list[list[LayerCache]]) -> PolicyConfig:
-    """Windowed layers keep their native policy; the others keep everything they hold
-    (their capacity leaves room for the question and answer)."""
-    out = []
-    for p, rows in zip(context_policy.layers, layers):
-        out.append(p if p.window else FullPolicy(capacity=rows[0].capacity))
+def _decode_table(context_policy: PolicyConfig, size: int) -> PolicyConfig:
+    """Windowed layers keep their native policy; the others keep everything their `size`
+    slots hold (room for the question and answer included)."""
+    out = [p if p.window else FullPolicy(capacity=size) for p in context_policy.layers]
     return PolicyConfig(tuple(out), name="oneshot")
 
 
-def _stack_rows(table: PolicyConfig, layers) -> KVCache:
-    """A cache of R rows under `table`, layer i of row r from layers[i][r]."""
-    bounds = tuple((a, b) for a, b, _ in table.groups())
-    return KVCache(_stacked_groups(layers, bounds), bounds, resolve_kernels("auto"))
-
-
-@partial(jax.jit, static_argnames="bounds")
-def _stacked_groups(layers, bounds) -> tuple[LayerCache, ...]:
-    """Each group of `bounds`, its layers stacked [L, R, ...], layer i's rows from layers[i]
-    joined [R, ...]: one compiled program, not an op per array."""
-
-    def rows(i: int) -> LayerCache:  # [R, K, S, ...]
-        return jax.tree.map(lambda *r: jnp.concatenate(r, 0), *layers[i])
-
-    return tuple(
-        jax.tree.map(lambda *ls: jnp.stack(ls), *[rows(i) for i in range(a, b)]) for a, b in bounds
-    )
+@partial(jax.jit, static_argnames=("size", "n_rows", "bounds"))
+def _packed_groups(layers, keeps, size: int, n_rows: int, bounds):
+    """(the cache groups of `bounds`, each a stack [L, R, K, S, ...] of its layers; the
+    slots each row holds per layer [L, R], summed over KV heads). Layer i is layers[i]
+    (batch 1) packed to `size` slots as each of the R rows keeps it (keeps[i]: [R, K, S]),
+    or, where keeps[i] is None (a windowed layer), the native cache in every row. One
+    compiled program, which writes each packed layer into its group's stack."""
+    rows = [
+        _pack(lc, keep, size)
+        if keep is not None
+        else jax.tree.map(lambda x: jnp.repeat(x, n_rows, axis=0), lc)
+        for lc, keep in zip(layers, keeps)
+    ]
+    counts_LR = jnp.stack([jnp.sum(lc.pos >= 0, axis=(1, 2)) for lc in rows])
+    groups = tuple(jax.tree.map(lambda *ls: jnp.stack(ls), *rows[a:b]) for a, b in bounds)
+    return groups, counts_LR
 
 
 def answer(

@@ -54,6 +54,29 @@ def test_full_row_answers_as_generate(setup):
     np.testing.assert_allclose(packed.memory_fractions(), [1.0, 75 / T])
 
 
+def test_sliding_window_layers_keep_their_native_caches():
+    """A model whose layers 0 and 2 attend over a 32-token window (as Gemma 3's): those
+    layers keep the prefilled native cache in every row, only the global layer is
+    compressed, and the full row answers as `generate` does."""
+    cfg = dataclasses.replace(CFG, num_layers=3, layer_windows=(32, 0, 32))
+    model = Transformer.init_random(cfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(1)
+    context = rng.integers(0, cfg.vocab_size, T).tolist()
+    question = rng.integers(0, cfg.vocab_size, 5).tolist()
+    ctx = prefill_context(model, context, obs=OBS, chunk=64)
+    policies = [PolicyConfig.uniform(3), make_policy("snapkv", 3, T, 0.25)]
+    packed = compress(model, ctx, policies, room=16, views=context_views(model, ctx))
+    for layer in (0, 2):
+        native = np.asarray(_layer_cache(ctx.cache, layer).pos)[0]
+        got = np.asarray(_layer_cache(packed.cache, layer).pos)
+        np.testing.assert_array_equal(got, np.stack([native, native]))
+        assert packed.kept_RL[1, layer] == cfg.num_kv_heads * 32
+    assert packed.kept_RL[0, 1] == cfg.num_kv_heads * T
+    assert packed.kept_RL[1, 1] == cfg.num_kv_heads * 75
+    want = generate(model, [question], 6, context=[context], stop_tokens=()).tokens[0]
+    assert answer(model, packed, T, question, 6, stop_tokens=()).tokens[0] == want
+
+
 def test_window_keeps_sinks_and_the_newest(setup):
     model, _, _, ctx = setup
     window = make_policy("window", CFG.num_layers, T, 0.25)
