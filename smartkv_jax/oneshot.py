@@ -229,12 +229,12 @@ def context_views(
 
 @dataclasses.dataclass
 class Selection:
-    """What each of R policies keeps of one context, before packing: keeps[layer][r]: which
-    slots [1, K, S] row r keeps in each global layer; slots_R: the most slots one head of the
+    """What each of R policies keeps of one context, before packing: keeps[layer]: which
+    slots [R, K, S] each row keeps in each global layer; slots_R: the most slots one head of the
     row needs in any layer (its capacity scaled to the nominal length, or what a
     head-adaptive rule gave a head), room for the question and answer not included."""
 
-    keeps: dict[int, list[jax.Array]]
+    keeps: dict[int, jax.Array]
     slots_R: np.ndarray
 
     def sizes(self, room: int) -> np.ndarray:
@@ -259,12 +259,12 @@ def select(
     cfg = model.cfg
     rows = [p.resolve(ctx.length, cfg.layer_windows) for p in policies]
     scale = max(size_length or ctx.length, ctx.length) / ctx.length
-    keeps = _keeps(rows, views, oracle_LKT, ctx.length)  # {layer: [(keep, most)] per row}
-    most_LR = np.asarray(jax.device_get([[m for _, m in ks] for ks in keeps.values()]))
+    keeps = _keeps(rows, views, oracle_LKT, ctx.length)  # {layer: (keep [R, K, S], most [R])}
+    most_LR = np.asarray(jax.device_get([most for _, most in keeps.values()]))
     caps_LR = np.array([[_capacity(r.layers[i], ctx.length) for r in rows] for i in keeps])
     need_LR = np.maximum(np.ceil(caps_LR * scale), most_LR).astype(np.int64)
     slots = need_LR.max(0) if len(keeps) else np.zeros(len(rows), np.int64)
-    return Selection({i: [k for k, _ in ks] for i, ks in keeps.items()}, slots)
+    return Selection({i: keep for i, (keep, _) in keeps.items()}, slots)
 
 
 def pack(
@@ -290,7 +290,7 @@ def pack(
     compressed_L = [i in selection.keeps for i in range(cfg.num_layers)]
     table = _decode_table(ctx.policy, size)
     keeps = [
-        jnp.concatenate([selection.keeps[i][r] for r in rows]) if compressed else None
+        selection.keeps[i][np.asarray(rows)] if compressed else None
         for i, compressed in enumerate(compressed_L)
     ]
     layers = [_layer_cache(ctx.cache, i) for i in range(cfg.num_layers)]
@@ -328,9 +328,10 @@ def _capacity(policy, length: int) -> int:
 
 
 def _keeps(rows: Sequence[PolicyConfig], views, oracle_LKT, length: int) -> dict:
-    """{global layer: each row's (keep [B, K, S], the most one head keeps)} at the rows'
-    capacities (resolved tables). The rows whose layer policy differs only in capacity (one
-    policy at several budgets) share one `_keep`: their slots are scored and ranked once."""
+    """{global layer: (which slots [R, K, S] each row keeps, the most one of its heads keeps
+    [R])} at the rows' capacities (resolved tables). The rows whose layer policy differs only
+    in capacity (one policy at several budgets) share one `_keep`: their slots are scored and
+    ranked once."""
     keeps = {}
     for i, view in enumerate(views):
         if view is None:
@@ -338,13 +339,13 @@ def _keeps(rows: Sequence[PolicyConfig], views, oracle_LKT, length: int) -> dict
         groups: dict = {}  # the layer's policy without its capacity -> its rows
         for r, row in enumerate(rows):
             groups.setdefault(dataclasses.replace(row.layers[i], capacity=None), []).append(r)
-        out = [None] * len(rows)
+        parts = []
         for policy, members in groups.items():
             caps = jnp.array([_capacity(rows[r].layers[i], length) for r in members], jnp.int32)
-            keep_N, most_N = _keep(policy, caps, _view_for(policy, view, oracle_LKT, i))
-            for n, r in enumerate(members):
-                out[r] = (keep_N[n], most_N[n])
-        keeps[i] = out
+            parts.append(_keep(policy, caps, _view_for(policy, view, oracle_LKT, i)))
+        order = np.argsort(np.concatenate(list(groups.values())))  # group order -> row order
+        keep, most = (jnp.concatenate(x)[order] for x in zip(*parts))
+        keeps[i] = (keep[:, 0], most)  # [R, 1, K, S] -> [R, K, S]: the context is one row
     return keeps
 
 
