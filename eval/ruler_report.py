@@ -42,7 +42,7 @@ def ruler_markdown(rows: Sequence[dict[str, Any]], protocol: str) -> str:
             shown = ["" if v is None else f"{v:.0f}" for v in vals]
             lines.append(f"| {p} | {pct(m)} | " + " | ".join(shown) + " |")
         for ours in dict.fromkeys(p for p, _ in map(split_cell, cells) if p.startswith("hybrid")):
-            lines += ["", *_gap_lines(rows, ours, length)]
+            lines += _gap_lines(rows, ours, length)
         lines += ["", *_time_lines([r for r in rows if r["length"] == length]), ""]
     return "\n".join(lines)
 
@@ -68,10 +68,13 @@ def _average_lines(s: dict[str, Any], length: int, cells: list[str]) -> list[str
 
 def _gap_lines(rows: Sequence[dict[str, Any]], ours: str, length: int) -> list[str]:
     """`ours` minus every other policy at each budget, paired sample by sample, with the
-    95% interval's half-width."""
+    95% interval's half-width, after a blank line (none when no other policy ran at ours'
+    budgets)."""
     gaps = paired_gaps(rows, ours, length)
+    if not gaps:
+        return []
     budgets = sorted({m for _, m in gaps})
-    lines = [f"{ours} minus each policy, paired on the same samples (± 95%):", ""]
+    lines = ["", f"{ours} minus each policy, paired on the same samples (± 95%):", ""]
     lines += ["| policy | " + " | ".join(pct(m) for m in budgets) + " |"]
     lines.append("|---|" + "---:|" * len(budgets))
     for policy in dict.fromkeys(p for p, _ in gaps):

@@ -155,6 +155,15 @@ def test_report_gives_intervals_the_share_of_full_paired_gaps_and_the_time_per_s
     assert "| w | +37.5 ± 54.8 |" in text and "| full |" not in text.split("minus")[1]
 
 
+def test_report_of_ours_beside_the_full_cache_alone_has_no_paired_table():
+    rows = [_row("a", 0, 100.0, 0.0, 100.0, 10.0), _row("b", 0, 50.0, 0.0, 0.0, 20.0)]
+    for r in rows:
+        for cells in (r["scores"], r["memory"]):
+            del cells["w|0.5"]
+    text = ruler_markdown(rows, "oneshot")
+    assert "| hybrid-x | 50% | 50% | 50.0 |" in text and "minus each policy" not in text
+
+
 @pytest.mark.parametrize("protocol", ["oneshot", "streaming"])
 def test_the_oracle_foresees_the_full_caches_answer(monkeypatch, protocol):
     """The oracle's lifespans come from the context, the question and the tokens the full
