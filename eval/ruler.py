@@ -303,19 +303,52 @@ def task_average(values_by_task: Sequence[Sequence[float]]) -> tuple[float, floa
 
 
 def paired_gaps(
-    rows: Sequence[dict[str, Any]], ours: str, length: int
+    rows: Sequence[dict[str, Any]],
+    ours: str,
+    length: int,
+    against: Sequence[dict[str, Any]] | None = None,
 ) -> dict[tuple[str, float], tuple[float, float]]:
     """{(other policy, memory fraction): `task_average` of ours' score minus its, sample by
-    sample} at `length`, for every other policy (full and oracles aside) run at a budget
-    ours ran at: a paired comparison on the same samples."""
+    sample} at `length`: a paired comparison on the same samples.
+
+    against: None, every other policy of `rows` (full and oracles aside) at a budget ours
+    ran at; or the rows of another run of the same samples (matched by key, the samples one
+    run lacks left out), every policy of that run (ours' namesake too, and the full cache at
+    each of ours' budgets; oracles aside)."""
+    others = None if against is None else {r["key"]: r for r in against}
     diffs: dict[tuple[str, float], dict[str, list[float]]] = {}
     for r in rows:
-        if r["length"] != length:
+        other = r if others is None else others.get(r["key"])
+        if r["length"] != length or other is None:
             continue
-        for cell, sc in r["scores"].items():
-            policy, memory = split_cell(cell)
-            mine = r["scores"].get(cell_key(ours, memory))
-            if mine is None or policy in (ours, "full") or policy.startswith("oracle"):
-                continue
-            diffs.setdefault((policy, memory), {}).setdefault(r["task"], []).append(mine - sc)
+        for policy, memory, gap in _sample_gaps(r["scores"], other["scores"], ours, others):
+            diffs.setdefault((policy, memory), {}).setdefault(r["task"], []).append(gap)
     return {k: task_average(list(v.values())) for k, v in diffs.items()}
+
+
+def compare_runs(
+    rows: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]]
+) -> dict[tuple[int, str], dict[tuple[str, float], tuple[float, float]]]:
+    """{(length, policy): its `paired_gaps` against the other run} for each policy of `rows`
+    but the full cache and the oracles."""
+    cells = {(r["length"], split_cell(c)[0]) for r in rows for c in r["scores"]}
+    return {
+        (n, p): paired_gaps(rows, p, n, against)
+        for n, p in sorted(cells)
+        if p != "full" and not p.startswith("oracle")
+    }
+
+
+def _sample_gaps(mine: dict[str, float], theirs: dict[str, float], ours: str, across) -> list:
+    """[(policy, memory fraction, ours' score in `mine` minus the policy's in `theirs`)] of
+    one sample; `across` is falsy when both are the same run's cells."""
+    ours_budgets = [m for p, m in map(split_cell, mine) if p == ours]
+    out = []
+    for cell, their_score in theirs.items():
+        policy, memory = split_cell(cell)
+        if policy.startswith("oracle") or (not across and policy in (ours, "full")):
+            continue
+        for m in ours_budgets if policy == "full" else [memory]:
+            if cell_key(ours, m) in mine:
+                out.append((policy, m, mine[cell_key(ours, m)] - their_score))
+    return out

@@ -14,7 +14,7 @@ from smartkv_jax.jsonio import write_text_atomic
 
 from .markdown import num, pct
 from .plots import _pyplot, _save
-from .ruler import FULL_KEY, paired_gaps, split_cell, summarize
+from .ruler import FULL_KEY, compare_runs, paired_gaps, split_cell, summarize
 
 
 def _cells(summary: dict[str, Any], length: int) -> list[str]:
@@ -42,7 +42,8 @@ def ruler_markdown(rows: Sequence[dict[str, Any]], protocol: str) -> str:
             shown = ["" if v is None else f"{v:.0f}" for v in vals]
             lines.append(f"| {p} | {pct(m)} | " + " | ".join(shown) + " |")
         for ours in dict.fromkeys(p for p, _ in map(split_cell, cells) if p.startswith("hybrid")):
-            lines += _gap_lines(rows, ours, length)
+            title = f"{ours} minus each policy, paired on the same samples (± 95%):"
+            lines += _gap_lines(paired_gaps(rows, ours, length), title)
         lines += ["", *_time_lines([r for r in rows if r["length"] == length]), ""]
     return "\n".join(lines)
 
@@ -66,15 +67,13 @@ def _average_lines(s: dict[str, Any], length: int, cells: list[str]) -> list[str
     return lines
 
 
-def _gap_lines(rows: Sequence[dict[str, Any]], ours: str, length: int) -> list[str]:
-    """`ours` minus every other policy at each budget, paired sample by sample, with the
-    95% interval's half-width, after a blank line (none when no other policy ran at ours'
-    budgets)."""
-    gaps = paired_gaps(rows, ours, length)
+def _gap_lines(gaps: dict[tuple[str, float], tuple[float, float]], title: str) -> list[str]:
+    """A table of `paired_gaps` (a policy per line, a budget per column, each gap with its
+    95% interval's half-width) under `title`, after a blank line; none without gaps."""
     if not gaps:
         return []
     budgets = sorted({m for _, m in gaps})
-    lines = ["", f"{ours} minus each policy, paired on the same samples (± 95%):", ""]
+    lines = ["", title, ""]
     lines += ["| policy | " + " | ".join(pct(m) for m in budgets) + " |"]
     lines.append("|---|" + "---:|" * len(budgets))
     for policy in dict.fromkeys(p for p, _ in gaps):
@@ -82,6 +81,23 @@ def _gap_lines(rows: Sequence[dict[str, Any]], ours: str, length: int) -> list[s
         shown = ["" if g is None else f"{g[0]:+.1f} ± {num(1.96 * g[1], '.1f')}" for g in cells]
         lines.append(f"| {policy} | " + " | ".join(shown) + " |")
     return lines
+
+
+def comparison_markdown(
+    rows: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]], label: str
+) -> str:
+    """Each policy of `rows` (full and oracles aside) minus each policy of `against`, another
+    run of the same samples (named `label`), paired on the samples both hold, per length."""
+    keys = {r["key"] for r in against}
+    lines = []
+    for (length, ours), gaps in compare_runs(rows, against).items():
+        shared = sum(r["key"] in keys for r in rows if r["length"] == length)
+        title = (
+            f"{length} tokens: {ours} minus each policy of {label}, paired on the {shared} "
+            "samples both runs hold (± 95%):"
+        )
+        lines += _gap_lines(gaps, title)
+    return "\n".join(lines[1:])
 
 
 def _time_lines(rows: Sequence[dict[str, Any]]) -> list[str]:

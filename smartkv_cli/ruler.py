@@ -8,13 +8,21 @@ streaming protocol, resumable, with a report (eval/ruler.py, eval/ruler_report.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from eval.result_store import ResultStore
-from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, split_cell, summarize
-from eval.ruler_report import write_ruler_report
+from eval.ruler import (
+    QUICK_TASKS,
+    RulerRun,
+    RulerSettings,
+    compare_runs,
+    split_cell,
+    summarize,
+)
+from eval.ruler_report import comparison_markdown, write_ruler_report
 from eval.ruler_tasks import TASKS
 from smartkv_cli.flags import add_field, add_model_flags, add_results_flags, field_values
 from smartkv_jax.errors import InputFileError
@@ -82,6 +90,14 @@ def add_ruler_cli(sub, memory_arg) -> None:
         help="rewrite the report and print the averages of the samples --out holds, running "
         "nothing (say, of a sweep stopped early); the other run flags are ignored",
     )
+    r.add_argument(
+        "--against",
+        metavar="DIR",
+        default=None,
+        help="another RULER results directory of the same samples (model, seed, format and "
+        "text alike): also print each policy of --out minus each of DIR's, paired on the "
+        "samples both hold (say, a policy rerun with other gates against the first sweep)",
+    )
     add_results_flags(r)
     r.set_defaults(func=cmd_ruler)
 
@@ -102,10 +118,16 @@ def settings_from_args(args: argparse.Namespace) -> RulerSettings:
 def cmd_ruler(args: argparse.Namespace) -> int:
     from smartkv_cli.eval import load_model
 
+    against = _stored_run(args.against, "--against") if args.against else None
     if args.report_only:
-        return _print_report(args, *_stored_run(args.out))
+        stored = _stored_run(args.out)
+        if against:
+            _check_same_samples(stored[0].config()["model"], stored[0].config()["ruler"], against)
+        return _print_report(args, *stored, against)
     settings = settings_from_args(args)
     settings.check()
+    if against:
+        _check_same_samples(args.model, dataclasses.asdict(settings), against)
     m = load_model(args.model, args.dtype, args.mesh)
     gates = None
     if args.gates:
@@ -117,37 +139,74 @@ def cmd_ruler(args: argparse.Namespace) -> int:
     write = partial(write_ruler_report, store.dir, protocol=settings.protocol)
     # the report is rewritten after every sample, so a long sweep stopped early has one
     run = RulerRun(store, m.model, m.tokenizer, settings, gates, not args.no_progress, write)
-    return _print_report(args, store, run.run(), settings.protocol)
+    return _print_report(args, store, run.run(), settings.protocol, against)
 
 
-def _stored_run(out_dir: str) -> tuple[ResultStore, list[dict[str, Any]], str]:
+Stored = tuple[ResultStore, list[dict[str, Any]], str]  # (store, rows, protocol)
+SAMPLE_FIELDS = ("seed", "fmt", "essays", "books")  # with the model: which samples a run holds
+
+
+def _stored_run(out_dir: str, flag: str = "--out") -> Stored:
     """(store, rows, protocol) of a RULER results directory that holds samples."""
     if not (Path(out_dir) / "config.json").is_file():
-        raise InputFileError(f"--out {out_dir}: no RULER results there (no config.json)")
+        raise InputFileError(f"{flag} {out_dir}: no RULER results there (no config.json)")
     store = ResultStore(out_dir)
     stored, rows = store.config().get("ruler"), store.rows()
     if not stored or not rows:
-        raise InputFileError(f"--out {out_dir}: holds no RULER samples")
+        raise InputFileError(f"{flag} {out_dir}: holds no RULER samples")
     return store, rows, stored["protocol"]
 
 
-def _print_report(args, store: ResultStore, rows: list[dict[str, Any]], protocol: str) -> int:
-    """Write the report of `rows` into the store and print the averages and the time per
-    sample (one JSON object with --json)."""
+def _check_same_samples(model: str, ruler: dict[str, Any], other: Stored) -> None:
+    """Refuse to pair a run (its model and RULER settings) with `other` when a key could
+    name different samples in the two: the model or a SAMPLE_FIELDS setting differs."""
+    config = other[0].config()
+    mine = {"model": model, **{k: ruler[k] for k in SAMPLE_FIELDS}}
+    theirs = {"model": config["model"], **{k: config["ruler"][k] for k in SAMPLE_FIELDS}}
+    for name, value in mine.items():
+        if theirs[name] != value:
+            raise InputFileError(
+                f"--against {other[0].dir}: its samples differ from --out's ({name} "
+                f"{theirs[name]!r} there, {value!r} here)"
+            )
+
+
+def _print_report(
+    args, store: ResultStore, rows: list[dict[str, Any]], protocol: str, against: Stored | None
+) -> int:
+    """Write the report of `rows` into the store and print the averages, the time per
+    sample and the paired comparison with the run `against` (one JSON object with --json)."""
     report = write_ruler_report(store.dir, rows, protocol)
     out: dict[str, Any] = {"report": str(report), "average": _averages(rows)}
     out["seconds_per_sample"] = sum(r["seconds"] for r in rows) / max(1, len(rows))
     out["prefill_s_per_sample"] = sum(r["prefill_s"] for r in rows) / max(1, len(rows))
+    if against:
+        out["against"] = _gaps(rows, against[1])
     if args.json:
         print(dumps(out, indent=2))
-    else:
-        for a in out["average"]:
-            print(
-                f"{a['length']:>6} {a['policy']:<20} {a['budget']:>6.3f} "
-                f"memory {a['memory']:.3f}  score {a['score']:.1f}"
-            )
-        print(f"report: {report}; {out['seconds_per_sample']:.1f} s per sample")
+        return 0
+    for a in out["average"]:
+        print(
+            f"{a['length']:>6} {a['policy']:<20} {a['budget']:>6.3f} "
+            f"memory {a['memory']:.3f}  score {a['score']:.1f}"
+        )
+    print(f"report: {report}; {out['seconds_per_sample']:.1f} s per sample")
+    if against:
+        print("\n" + comparison_markdown(rows, against[1], str(against[0].dir)))
     return 0
+
+
+def _gaps(rows, against_rows) -> list[dict[str, Any]]:
+    """`compare_runs` as JSON rows: ours minus the other run's policy at a budget, with the
+    95% interval's half-width."""
+    out = []
+    for (length, ours), gaps in compare_runs(rows, against_rows).items():
+        for (policy, budget), (gap, err) in gaps.items():
+            out.append(
+                {"length": length, "policy": ours, "against": policy, "budget": budget,
+                 "gap": gap, "ci95": 1.96 * err}
+            )  # fmt: skip
+    return out
 
 
 def _averages(rows) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import smartkv_cli.ruler
 from eval import ruler as R
 from eval.perplexity import oracle_scores
 from eval.ruler import QUICK_TASKS, RulerRun, RulerSettings, pending, summarize
-from eval.ruler_report import ruler_markdown, write_ruler_report
+from eval.ruler_report import comparison_markdown, ruler_markdown, write_ruler_report
 from eval.ruler_tasks import RulerSample
 from smartkv_cli import eval as E
 from smartkv_cli.main import main
@@ -162,6 +162,59 @@ def test_report_of_ours_beside_the_full_cache_alone_has_no_paired_table():
             del cells["w|0.5"]
     text = ruler_markdown(rows, "oneshot")
     assert "| hybrid-x | 50% | 50% | 50.0 |" in text and "minus each policy" not in text
+
+
+def _rerun(scores: dict[tuple[str, int], float]) -> list[dict]:
+    """Rows of a second run that ran only hybrid-x at 50%, with these scores per sample."""
+    rows = [_row(task, i, 0.0, 0.0, ours, 10.0) for (task, i), ours in scores.items()]
+    for r in rows:
+        r["scores"] = {"hybrid-x|0.5": r["scores"]["hybrid-x|0.5"]}
+        r["memory"] = {"hybrid-x|0.5": 0.5}
+    return rows
+
+
+def test_two_runs_pair_on_the_samples_both_hold():
+    first = [
+        _row("a", 0, 100.0, 100.0, 100.0, 10.0), _row("a", 1, 100.0, 0.0, 100.0, 30.0),
+        _row("b", 0, 50.0, 0.0, 50.0, 60.0), _row("b", 1, 50.0, 0.0, 0.0, 20.0),
+    ]  # fmt: skip
+    # b 2 is not in the first run, so it pairs with nothing and is left out
+    second = _rerun(
+        {("a", 0): 100.0, ("a", 1): 0.0, ("b", 0): 100.0, ("b", 1): 100.0, ("b", 2): 0.0}
+    )
+    gaps = R.paired_gaps(second, "hybrid-x", 8, against=first)
+    # hybrid-x minus its namesake: task a 0, -100; task b 50, 100
+    gap, err = gaps["hybrid-x", 0.5]
+    assert gap == 12.5 and err == pytest.approx(np.sqrt(2500 + 625) / 2)
+    # the full cache pairs at ours' budget: a 0, -100; b 50, 50. w: a 0, 0; b 100, 100
+    assert gaps["full", 0.5] == (0.0, pytest.approx(25.0)) and gaps["w", 0.5][0] == 50.0
+    assert set(gaps) == {("hybrid-x", 0.5), ("full", 0.5), ("w", 0.5)}
+    text = comparison_markdown(second, first, "runs/first")
+    assert "hybrid-x minus each policy of runs/first, paired on the 4 samples" in text
+    assert "| hybrid-x | +12.5 ± 54.8 |" in text and "| w | +50.0 ± " in text
+
+
+def _store(path, rows: list[dict], seed: int):
+    path.mkdir()
+    ruler = {"seed": seed, "fmt": "auto", "essays": None, "books": None, "protocol": "oneshot"}
+    (path / "config.json").write_text(json.dumps({"model": "tiny", "ruler": ruler}))
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_only_pairs_with_a_run_of_the_same_samples_only(tmp_path, capsys):
+    _store(tmp_path / "first", [_row("a", 0, 100.0, 0.0, 50.0, 10.0)], seed=0)
+    _store(tmp_path / "second", _rerun({("a", 0): 100.0}), seed=0)
+    _store(tmp_path / "other_seed", _rerun({("a", 0): 100.0}), seed=1)
+    only = ["eval", "ruler", "--report-only", "--json", "--against", str(tmp_path / "first")]
+    assert main([*only, "--out", str(tmp_path / "second")]) == 0
+    gaps = {
+        (g["against"], g["budget"]): g["gap"]
+        for g in json.loads(capsys.readouterr().out)["against"]
+    }
+    assert gaps == {("full", 0.5): 0.0, ("hybrid-x", 0.5): 50.0, ("w", 0.5): 100.0}
+    assert main([*only, "--out", str(tmp_path / "other_seed")]) == 2
+    err = capsys.readouterr().err
+    assert "--against" in err and "seed 0 there, 1 here" in err
 
 
 @pytest.mark.parametrize("protocol", ["oneshot", "streaming"])
