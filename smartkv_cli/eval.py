@@ -63,8 +63,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--policies",
         _SWEEP,
         "policies",
-        help="policies to sweep: full window recent h2o tova snapkv knorm random gated-only "
-        "hybrid hybrid-calibrated oracle, or .json policy tables; a ':mask' suffix "
+        help="policies to sweep: full window recent h2o tova snapkv knorm random adakv "
+        "keydiff expected pyramidkv gated-only hybrid hybrid-calibrated oracle, or .json "
+        "policy tables (streaming, adakv runs as snapkv); a ':mask' suffix "
         "(oracle:mask, hybrid:mask) hides expired slots from attention; ':adaptive' lets "
         "gated layers share their budget among KV heads in a oneshot compression; "
         "hybrid-calibrated:expiry ranks its gated keys by predicted expiry instead of "
