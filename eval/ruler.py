@@ -49,6 +49,9 @@ DEFAULT_POLICIES = (
 )  # fmt: skip
 DEFAULT_MEMORY = (0.125, 0.25, 0.5)
 QUICK_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "vt", "qa")
+# the settings besides the model that decide which sample a key (task|length|index) names:
+# a setting that changes a sample's text belongs here, so runs that differ in it never pair
+SAMPLE_FIELDS = ("seed", "fmt", "essays", "books")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,12 @@ class RulerSettings:
             elif p != "hybrid-calibrated" or self.calibrated:
                 out += [(p, m) for m in self.memory]
         return out
+
+
+def sample_source(model: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's samples: its model and its SAMPLE_FIELDS settings (from a stored
+    config's "ruler" section or `dataclasses.asdict(RulerSettings)`; absent ones None)."""
+    return {"model": model, **{k: settings.get(k) for k in SAMPLE_FIELDS}}
 
 
 def cell_key(policy: str, memory: float) -> str:
@@ -321,7 +330,8 @@ def paired_gaps(
         other = r if others is None else others.get(r["key"])
         if r["length"] != length or other is None:
             continue
-        for policy, memory, gap in _sample_gaps(r["scores"], other["scores"], ours, others):
+        across = others is not None
+        for policy, memory, gap in _sample_gaps(r["scores"], other["scores"], ours, across):
             diffs.setdefault((policy, memory), {}).setdefault(r["task"], []).append(gap)
     return {k: task_average(list(v.values())) for k, v in diffs.items()}
 
@@ -339,9 +349,11 @@ def compare_runs(
     }
 
 
-def _sample_gaps(mine: dict[str, float], theirs: dict[str, float], ours: str, across) -> list:
+def _sample_gaps(
+    mine: dict[str, float], theirs: dict[str, float], ours: str, across: bool
+) -> list[tuple[str, float, float]]:
     """[(policy, memory fraction, ours' score in `mine` minus the policy's in `theirs`)] of
-    one sample; `across` is falsy when both are the same run's cells."""
+    one sample; `across`: the two are different runs' cells (else the same run's)."""
     ours_budgets = [m for p, m in map(split_cell, mine) if p == ours]
     out = []
     for cell, their_score in theirs.items():

@@ -19,6 +19,7 @@ from eval.ruler import (
     RulerRun,
     RulerSettings,
     compare_runs,
+    sample_source,
     split_cell,
     summarize,
 )
@@ -122,12 +123,13 @@ def cmd_ruler(args: argparse.Namespace) -> int:
     if args.report_only:
         stored = _stored_run(args.out)
         if against:
-            _check_same_samples(stored[0].config()["model"], stored[0].config()["ruler"], against)
+            config = stored[0].config()
+            _check_same_samples(sample_source(config["model"], config["ruler"]), against)
         return _print_report(args, *stored, against)
     settings = settings_from_args(args)
     settings.check()
     if against:
-        _check_same_samples(args.model, dataclasses.asdict(settings), against)
+        _check_same_samples(sample_source(args.model, dataclasses.asdict(settings)), against)
     m = load_model(args.model, args.dtype, args.mesh)
     gates = None
     if args.gates:
@@ -143,7 +145,6 @@ def cmd_ruler(args: argparse.Namespace) -> int:
 
 
 Stored = tuple[ResultStore, list[dict[str, Any]], str]  # (store, rows, protocol)
-SAMPLE_FIELDS = ("seed", "fmt", "essays", "books")  # with the model: which samples a run holds
 
 
 def _stored_run(out_dir: str, flag: str = "--out") -> Stored:
@@ -157,12 +158,11 @@ def _stored_run(out_dir: str, flag: str = "--out") -> Stored:
     return store, rows, stored["protocol"]
 
 
-def _check_same_samples(model: str, ruler: dict[str, Any], other: Stored) -> None:
-    """Refuse to pair a run (its model and RULER settings) with `other` when a key could
-    name different samples in the two: the model or a SAMPLE_FIELDS setting differs."""
+def _check_same_samples(mine: dict[str, Any], other: Stored) -> None:
+    """Refuse to pair a run whose `sample_source` is `mine` with `other` when a key could
+    name different samples in the two."""
     config = other[0].config()
-    mine = {"model": model, **{k: ruler[k] for k in SAMPLE_FIELDS}}
-    theirs = {"model": config["model"], **{k: config["ruler"][k] for k in SAMPLE_FIELDS}}
+    theirs = sample_source(config["model"], config["ruler"])
     for name, value in mine.items():
         if theirs[name] != value:
             raise InputFileError(
